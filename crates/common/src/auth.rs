@@ -1,0 +1,332 @@
+//! Signed bearer tokens: JWT with EdDSA (Ed25519, ring), verified locally against the
+//! vault's published keys (JWKS).
+//!
+//! The format is kept narrow on purpose: one algorithm, a `kid` in every header, and
+//! no key material taken from the token itself. A key's `kid` is its RFC 7638 thumbprint.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use ring::rand::SystemRandom;
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use serde::{Deserialize, Serialize};
+
+use crate::client::HttpClient;
+use crate::secret::Secret;
+
+/// The one algorithm tokens are signed with.
+pub const ALGORITHM: &str = "EdDSA";
+
+/// Tokens longer than this are refused before any decoding.
+const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// Clock skew tolerated between the vault that signed and the service that verifies.
+const LEEWAY_SECONDS: i64 = 5;
+
+/// What a token asserts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// Who: `admin`, or the service the token belongs to.
+    pub sub: String,
+    /// What it may do, e.g. `credentials:read`.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Expiry, Unix seconds.
+    pub exp: i64,
+    /// Issued at, Unix seconds.
+    pub iat: i64,
+    /// The token's id, which revocation names.
+    pub jti: String,
+}
+
+impl Claims {
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope)
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Header {
+    alg: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    typ: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kid: Option<String>,
+}
+
+/// Why a token was refused. Each kind is distinct so that logs and metrics can tell an
+/// expired token from a forged one; clients get the same 401 either way.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the token is not a well-formed JWT")]
+    Malformed,
+    #[error("the token's algorithm {0:?} is not EdDSA")]
+    UnsupportedAlgorithm(String),
+    #[error("the token names no key id")]
+    MissingKid,
+    #[error("the token's key id {0:?} is not a known key")]
+    UnknownKid(String),
+    /// The signature does not match the content under the key the `kid` names: the token
+    /// was altered after signing, or signed by another key claiming this `kid`.
+    #[error("the token's signature does not verify")]
+    BadSignature,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token was issued in the future")]
+    IssuedInFuture,
+}
+
+/// A public key as published in the JWKS (RFC 8037: OKP / Ed25519).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Jwk {
+    pub kty: String,
+    pub crv: String,
+    pub x: String,
+    pub kid: String,
+    #[serde(default)]
+    pub alg: Option<String>,
+    #[serde(default, rename = "use")]
+    pub use_: Option<String>,
+}
+
+/// `GET /api/auth/jwks`'s body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Jwks {
+    pub keys: Vec<Jwk>,
+}
+
+/// The RFC 7638 thumbprint of an Ed25519 public key: the key's `kid`.
+fn thumbprint(public_key: &[u8]) -> String {
+    let canonical = format!(
+        r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#,
+        B64.encode(public_key)
+    );
+    B64.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        canonical.as_bytes(),
+    ))
+}
+
+/// An Ed25519 private key that signs tokens; it lives only in the vault.
+pub struct SigningKey {
+    kid: String,
+    pair: Ed25519KeyPair,
+    pkcs8: Secret<Vec<u8>>,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("the system random number generator failed")]
+    Random,
+    #[error("the key is not a valid Ed25519 PKCS#8 document")]
+    Rejected,
+}
+
+impl SigningKey {
+    pub fn generate() -> Result<Self, KeyError> {
+        let pkcs8 =
+            Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| KeyError::Random)?;
+        Self::from_pkcs8(Secret::new(pkcs8.as_ref().to_vec()))
+    }
+
+    pub fn from_pkcs8(pkcs8: Secret<Vec<u8>>) -> Result<Self, KeyError> {
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.expose()).map_err(|_| KeyError::Rejected)?;
+        Ok(Self {
+            kid: thumbprint(pair.public_key().as_ref()),
+            pair,
+            pkcs8,
+        })
+    }
+
+    /// The private key as PKCS#8, for storing it (wrapped) in the vault's database.
+    pub fn pkcs8(&self) -> &Secret<Vec<u8>> {
+        &self.pkcs8
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    pub fn public_jwk(&self) -> Jwk {
+        Jwk {
+            kty: "OKP".into(),
+            crv: "Ed25519".into(),
+            x: B64.encode(self.pair.public_key().as_ref()),
+            kid: self.kid.clone(),
+            alg: Some(ALGORITHM.into()),
+            use_: Some("sig".into()),
+        }
+    }
+
+    /// The signed token, `header.payload.signature`.
+    pub fn sign(&self, claims: &Claims) -> Secret<String> {
+        let header = Header {
+            alg: ALGORITHM.into(),
+            typ: Some("JWT".into()),
+            kid: Some(self.kid.clone()),
+        };
+        // Serializing these two plain structs cannot fail.
+        let header = serde_json::to_vec(&header).unwrap_or_default();
+        let payload = serde_json::to_vec(claims).unwrap_or_default();
+        let signing_input = format!("{}.{}", B64.encode(header), B64.encode(payload));
+        let signature = self.pair.sign(signing_input.as_bytes());
+        Secret::new(format!(
+            "{signing_input}.{}",
+            B64.encode(signature.as_ref())
+        ))
+    }
+}
+
+/// The public keys a verifier trusts, by `kid`.
+#[derive(Debug, Clone, Default)]
+pub struct KeySet {
+    keys: HashMap<String, Vec<u8>>,
+}
+
+impl KeySet {
+    /// The Ed25519 keys of `jwks`; keys of other types are skipped, as RFC 7517 asks.
+    pub fn from_jwks(jwks: &Jwks) -> Self {
+        let keys = jwks
+            .keys
+            .iter()
+            .filter(|k| k.kty == "OKP" && k.crv == "Ed25519")
+            .filter_map(|k| Some((k.kid.clone(), B64.decode(&k.x).ok()?)))
+            .filter(|(_, x)| x.len() == 32)
+            .collect();
+        Self { keys }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Checks `token` at time `now` (Unix seconds) and returns its claims.
+    pub fn verify(&self, token: &str, now: i64) -> Result<Claims, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::Malformed);
+        }
+        let mut parts = token.split('.');
+        let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Malformed);
+        };
+        let header: Header = decode_json(header_b64)?;
+        if header.alg != ALGORITHM {
+            return Err(TokenError::UnsupportedAlgorithm(header.alg));
+        }
+        let kid = header.kid.ok_or(TokenError::MissingKid)?;
+        let key = self
+            .keys
+            .get(&kid)
+            .ok_or_else(|| TokenError::UnknownKid(kid.clone()))?;
+        let signature = B64
+            .decode(signature_b64)
+            .map_err(|_| TokenError::Malformed)?;
+        let signing_input_len = header_b64.len() + 1 + payload_b64.len();
+        UnparsedPublicKey::new(&ED25519, key)
+            .verify(&token.as_bytes()[..signing_input_len], &signature)
+            .map_err(|_| TokenError::BadSignature)?;
+        let claims: Claims = decode_json(payload_b64)?;
+        if claims.exp + LEEWAY_SECONDS <= now {
+            return Err(TokenError::Expired);
+        }
+        if claims.iat > now + LEEWAY_SECONDS {
+            return Err(TokenError::IssuedInFuture);
+        }
+        Ok(claims)
+    }
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, TokenError> {
+    let bytes = B64.decode(part).map_err(|_| TokenError::Malformed)?;
+    serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)
+}
+
+pub fn now_unix() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// Why [`JwksVerifier::verify`] refused: the token, or the keys could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("the signing keys are unavailable: {0}")]
+    KeysUnavailable(String),
+}
+
+/// Verifies tokens against the vault's JWKS, fetched over HTTP and cached; an unknown
+/// `kid` (the vault rotated its key) triggers a refetch, at most once per `min_refetch`.
+#[derive(Debug)]
+pub struct JwksVerifier {
+    url: String,
+    client: HttpClient,
+    keys: RwLock<KeySet>,
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    min_refetch: Duration,
+}
+
+impl JwksVerifier {
+    pub fn new(jwks_url: impl Into<String>, client: HttpClient, min_refetch: Duration) -> Self {
+        Self {
+            url: jwks_url.into(),
+            client,
+            keys: RwLock::new(KeySet::default()),
+            last_fetch: tokio::sync::Mutex::new(None),
+            min_refetch,
+        }
+    }
+
+    fn check(&self, token: &str) -> Result<Claims, TokenError> {
+        match self.keys.read() {
+            Ok(keys) => keys.verify(token, now_unix()),
+            Err(poisoned) => poisoned.into_inner().verify(token, now_unix()),
+        }
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<Claims, VerifyError> {
+        match self.check(token) {
+            Err(TokenError::UnknownKid(_)) => {
+                self.refresh_if_stale().await?;
+                Ok(self.check(token)?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// Refetches unless a fetch happened within `min_refetch`; concurrent callers share one fetch.
+    async fn refresh_if_stale(&self) -> Result<(), VerifyError> {
+        let mut last = self.last_fetch.lock().await;
+        if last.is_some_and(|at| at.elapsed() < self.min_refetch) {
+            return Ok(());
+        }
+        let jwks: Jwks = self
+            .client
+            .get_json(&self.url)
+            .await
+            .map_err(|e| VerifyError::KeysUnavailable(e.to_string()))?;
+        let keys = KeySet::from_jwks(&jwks);
+        tracing::info!(keys = keys.keys.len(), url = %self.url, "fetched the signing keys");
+        match self.keys.write() {
+            Ok(mut guard) => *guard = keys,
+            Err(poisoned) => *poisoned.into_inner() = keys,
+        }
+        *last = Some(Instant::now());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

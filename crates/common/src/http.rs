@@ -1,0 +1,258 @@
+//! The actix-web server the vault, registry and monitor run, with what every service shares:
+//! `/health`, `/ready`, `/metrics`, request ids, metrics per route template, problem+json
+//! errors for bad input, a body size limit, and a graceful drain on shutdown.
+
+use std::future::{Future, Ready, ready};
+use std::time::{Duration, Instant};
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
+use actix_web::error::{JsonPayloadError, PathError, PayloadError, QueryPayloadError};
+use actix_web::http::StatusCode;
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::middleware::{Next, from_fn};
+use actix_web::{
+    App, FromRequest, HttpMessage, HttpRequest, HttpResponse, HttpServer, ResponseError, web,
+};
+use prometheus::Registry;
+use tracing::Instrument;
+
+use crate::metrics::{self, HttpMetrics, method_label};
+use crate::problem::{self, Problem};
+use crate::readiness::Readiness;
+use crate::telemetry::{REQUEST_ID_HEADER, request_id};
+
+impl ResponseError for Problem {
+    fn status_code(&self) -> StatusCode {
+        StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status_code())
+            .content_type(problem::CONTENT_TYPE)
+            .body(self.to_json())
+    }
+}
+
+/// The id of the request being served, for handlers that record it (the audit log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(pub String);
+
+impl FromRequest for RequestId {
+    type Error = actix_web::Error;
+    type Future = Ready<Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let id = req.extensions().get::<RequestId>().cloned();
+        ready(Ok(id.unwrap_or_else(|| RequestId(request_id(None)))))
+    }
+}
+
+/// What a service hands to [`serve`] besides its own routes.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub registry: Registry,
+    pub readiness: Readiness,
+    pub max_body_bytes: usize,
+    pub workers: usize,
+    pub shutdown_timeout: Duration,
+}
+
+/// Serves `configure`'s routes plus the shared ones on `listener` until `shutdown`
+/// resolves, then lets in-flight requests finish within `shutdown_timeout`.
+pub async fn serve<C, S>(
+    settings: ServerSettings,
+    listener: std::net::TcpListener,
+    configure: C,
+    shutdown: S,
+) -> std::io::Result<()>
+where
+    C: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
+    S: Future<Output = ()> + Send + 'static,
+{
+    let metrics = HttpMetrics::new(&settings.registry).map_err(std::io::Error::other)?;
+    let shared = web::Data::new(Shared {
+        registry: settings.registry,
+        readiness: settings.readiness,
+    });
+    let limit = settings.max_body_bytes;
+    let metrics = web::Data::new(metrics);
+    let server = HttpServer::new(move || {
+        let metrics = metrics.clone();
+        App::new()
+            .app_data(shared.clone())
+            .app_data(
+                web::JsonConfig::default()
+                    .limit(limit)
+                    .error_handler(move |e, _| json_error(e, limit).into()),
+            )
+            .app_data(web::PayloadConfig::new(limit))
+            .app_data(web::PathConfig::default().error_handler(|e, _| path_error(e).into()))
+            .app_data(web::QueryConfig::default().error_handler(|e, _| query_error(e).into()))
+            .wrap(from_fn(move |req, next| {
+                observe(metrics.clone(), req, next)
+            }))
+            .route("/health", web::get().to(health))
+            .route("/ready", web::get().to(readiness))
+            .route("/metrics", web::get().to(metrics_text))
+            .configure(configure.clone())
+            .default_service(web::to(not_found))
+    })
+    .workers(settings.workers)
+    .shutdown_timeout(settings.shutdown_timeout.as_secs().max(1))
+    .shutdown_signal(shutdown)
+    .listen(listener)?
+    .run();
+    server.await
+}
+
+struct Shared {
+    registry: Registry,
+    readiness: Readiness,
+}
+
+/// Request id, span, access log line and metrics around every request.
+async fn observe(
+    metrics: web::Data<HttpMetrics>,
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let id = request_id(
+        req.headers()
+            .get(REQUEST_ID_HEADER)
+            .map(HeaderValue::as_bytes),
+    );
+    let route = req
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = method_label(req.method().as_str());
+    let span = tracing::info_span!("request", request_id = %id, method, route = %route);
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let started = Instant::now();
+    metrics.started();
+    let result = next.call(req).instrument(span.clone()).await;
+    let elapsed = started.elapsed();
+    let status = match &result {
+        Ok(res) => res.status(),
+        Err(error) => error.as_response_error().status_code(),
+    };
+    metrics.finished(&route, method, status.as_u16(), elapsed);
+    span.in_scope(|| {
+        tracing::info!(
+            status = status.as_u16(),
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            "request served"
+        );
+    });
+    let mut res = result?;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        res.headers_mut()
+            .insert(HeaderName::from_static(REQUEST_ID_HEADER), value);
+    }
+    Ok(res)
+}
+
+async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readiness(shared: web::Data<Shared>) -> Result<HttpResponse, Problem> {
+    let body = shared.readiness.evaluate().await?;
+    Ok(HttpResponse::Ok().json(body))
+}
+
+async fn metrics_text(shared: web::Data<Shared>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(metrics::CONTENT_TYPE)
+        .body(metrics::render(&shared.registry))
+}
+
+async fn not_found(req: HttpRequest) -> Result<HttpResponse, Problem> {
+    Err(Problem::not_found(format!(
+        "no route for {} {}",
+        req.method(),
+        req.path()
+    )))
+}
+
+/// Serde's messages are helpful ("missing field `name`") but some quote the offending
+/// value ("invalid type: string \"…\""), and that value may be a secret: those are
+/// replaced by their position alone.
+fn describe_json_error(error: &serde_json::Error) -> String {
+    let message = error.to_string();
+    if message.contains('"') {
+        format!(
+            "the body does not match the expected shape (line {}, column {})",
+            error.line(),
+            error.column()
+        )
+    } else {
+        message
+    }
+}
+
+fn json_error(error: JsonPayloadError, limit: usize) -> Problem {
+    match error {
+        JsonPayloadError::OverflowKnownLength { .. } | JsonPayloadError::Overflow { .. } => {
+            Problem::payload_too_large(limit)
+        }
+        JsonPayloadError::Payload(PayloadError::Overflow) => Problem::payload_too_large(limit),
+        JsonPayloadError::ContentType => {
+            Problem::new("unsupported-media-type", 415, "Unsupported Media Type")
+                .with_detail("send the body as application/json")
+        }
+        JsonPayloadError::Deserialize(e) if e.is_data() => {
+            Problem::new("invalid-body", 422, "Unprocessable Content")
+                .with_detail(describe_json_error(&e))
+        }
+        JsonPayloadError::Deserialize(e) => {
+            Problem::bad_request("malformed-json", describe_json_error(&e))
+        }
+        other => Problem::bad_request("bad-body", other.to_string()),
+    }
+}
+
+fn path_error(error: PathError) -> Problem {
+    let PathError::Deserialize(e) = error else {
+        return Problem::bad_request("invalid-path", "the path is malformed");
+    };
+    Problem::bad_request("invalid-path", format!("invalid path parameter: {e}"))
+}
+
+fn query_error(error: QueryPayloadError) -> Problem {
+    let QueryPayloadError::Deserialize(e) = error else {
+        return Problem::bad_request("invalid-query", "the query string is malformed");
+    };
+    Problem::bad_request("invalid-query", format!("invalid query parameter: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_errors_never_echo_quoted_values() {
+        let error = serde_json::from_str::<u64>(r#""sup3r-secret""#).unwrap_err();
+        let problem = json_error(JsonPayloadError::Deserialize(error), 10);
+        assert_eq!(problem.status, 422);
+        assert!(!problem.to_string().contains("sup3r-secret"), "{problem}");
+
+        #[derive(Debug, serde::Deserialize)]
+        #[expect(dead_code, reason = "only deserialized")]
+        struct Named {
+            name: String,
+        }
+        let error = serde_json::from_str::<Named>("{}").unwrap_err();
+        let problem = json_error(JsonPayloadError::Deserialize(error), 10);
+        assert!(
+            problem.to_string().contains("missing field `name`"),
+            "{problem}"
+        );
+
+        let error = serde_json::from_str::<Named>("{").unwrap_err();
+        assert_eq!(
+            json_error(JsonPayloadError::Deserialize(error), 10).code(),
+            "malformed-json"
+        );
+    }
+}

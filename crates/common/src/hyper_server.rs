@@ -1,0 +1,225 @@
+//! The hyper 1 server the gateway runs, with the same shared behaviour as [`crate::http`]:
+//! `/health`, `/ready`, `/metrics`, request ids, metrics, problem+json, a graceful drain.
+//!
+//! The gateway is hyper on both sides so that bodies stream without buffering
+//! (DESIGN.md, "Two HTTP stacks"); this module is its server half.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use prometheus::Registry;
+use tracing::Instrument;
+
+use crate::metrics::{self, HttpMetrics, method_label};
+use crate::problem::{self, Problem};
+use crate::readiness::Readiness;
+use crate::telemetry::{REQUEST_ID_HEADER, request_id};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The response body type of the gateway: anything that streams bytes.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// A whole body from bytes in memory.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn problem_response(problem: &Problem) -> Response<Body> {
+    let mut response = Response::new(full(problem.to_json()));
+    *response.status_mut() =
+        StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(problem::CONTENT_TYPE),
+    );
+    response
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(full(value.to_string()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// The route template a response was served under, set by the handler in the response's
+/// extensions; the metrics label requests by it. Unset means `unmatched`.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteLabel(pub &'static str);
+
+/// The request's id, put in the request's extensions (and its header) before the handler runs.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub Arc<str>);
+
+/// `/health`, `/ready` and `/metrics` for the hyper stack.
+#[derive(Debug, Clone)]
+pub struct Builtins {
+    registry: Registry,
+    readiness: Readiness,
+}
+
+impl Builtins {
+    pub fn new(registry: Registry, readiness: Readiness) -> Self {
+        Self {
+            registry,
+            readiness,
+        }
+    }
+
+    /// The response for a built-in path, or `None` when `path` is not one of them.
+    pub async fn respond(&self, method: &http::Method, path: &str) -> Option<Response<Body>> {
+        let (label, response) = match path {
+            "/health" => (
+                "/health",
+                json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+            ),
+            "/ready" => (
+                "/ready",
+                match self.readiness.evaluate().await {
+                    Ok(body) => json_response(StatusCode::OK, &body),
+                    Err(problem) => problem_response(&problem),
+                },
+            ),
+            "/metrics" => {
+                let mut response = Response::new(full(metrics::render(&self.registry)));
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static(metrics::CONTENT_TYPE),
+                );
+                ("/metrics", response)
+            }
+            _ => return None,
+        };
+        let mut response = if method == http::Method::GET || method == http::Method::HEAD {
+            response
+        } else {
+            problem_response(&Problem::method_not_allowed())
+        };
+        response.extensions_mut().insert(RouteLabel(label));
+        Some(response)
+    }
+}
+
+/// Serves `handler` on `listener` until `shutdown` resolves, then lets open requests
+/// finish for up to `drain`. Every request gets an id (header and extension), a span,
+/// an access log line and its metrics.
+pub async fn serve<H, F>(
+    listener: tokio::net::TcpListener,
+    registry: &Registry,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) -> std::io::Result<()>
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let metrics = HttpMetrics::new(registry).map_err(std::io::Error::other)?;
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let metrics = metrics.clone();
+        let service = service_fn(move |req| {
+            let handler = handler.clone();
+            let metrics = metrics.clone();
+            async move { Ok::<_, Infallible>(observe(req, handler, &metrics).await) }
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?drain,
+            "requests still open after the drain timeout; closing them"
+        );
+    }
+    Ok(())
+}
+
+async fn observe<H, F>(
+    mut req: Request<Incoming>,
+    handler: H,
+    metrics: &HttpMetrics,
+) -> Response<Body>
+where
+    H: Fn(Request<Incoming>) -> F,
+    F: Future<Output = Response<Body>>,
+{
+    let id = request_id(
+        req.headers()
+            .get(REQUEST_ID_HEADER)
+            .map(HeaderValue::as_bytes),
+    );
+    let header = HeaderValue::from_str(&id).ok();
+    if let Some(value) = &header {
+        req.headers_mut().insert(REQUEST_ID_HEADER, value.clone());
+    }
+    let id: Arc<str> = id.into();
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let method = method_label(req.method().as_str());
+    let span = tracing::info_span!("request", request_id = %id, method, path = req.uri().path());
+    let started = Instant::now();
+    metrics.started();
+    let mut response = handler(req).instrument(span.clone()).await;
+    let elapsed = started.elapsed();
+    let route = response
+        .extensions()
+        .get::<RouteLabel>()
+        .map_or("unmatched", |label| label.0);
+    let status = response.status().as_u16();
+    metrics.finished(route, method, status, elapsed);
+    span.in_scope(|| {
+        tracing::info!(
+            route,
+            status,
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            "request served"
+        );
+    });
+    if let Some(value) = header {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
