@@ -294,12 +294,31 @@ impl CommonConfig {
     }
 }
 
-/// `DATABASE_URL` (or `DATABASE_URL_FILE`), required, `postgres://…` or `sqlite://…`.
-pub fn database_url(env: &Env) -> Result<DatabaseUrl, ConfigError> {
-    let url = env
-        .value_or_file("DATABASE_URL")?
-        .ok_or_else(|| ConfigError::new("DATABASE_URL", "is required but not set"))?;
-    DatabaseUrl::parse(url).map_err(|problem| ConfigError::new("DATABASE_URL", problem))
+/// Where a service keeps its state.
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// `DATABASE_URL` (or `DATABASE_URL_FILE`), required: `postgres://…` or `sqlite://…`.
+    pub url: DatabaseUrl,
+    /// `DB_POOL_SIZE`: connections in the pool (SQLite uses at most 4).
+    pub pool_size: u32,
+}
+
+impl DatabaseConfig {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let url = env
+            .value_or_file("DATABASE_URL")?
+            .ok_or_else(|| ConfigError::new("DATABASE_URL", "is required but not set"))?;
+        let url =
+            DatabaseUrl::parse(url).map_err(|problem| ConfigError::new("DATABASE_URL", problem))?;
+        let pool_size = env.or("DB_POOL_SIZE", 8u32)?;
+        if !(1..=200).contains(&pool_size) {
+            return Err(ConfigError::new(
+                "DB_POOL_SIZE",
+                "must be between 1 and 200",
+            ));
+        }
+        Ok(Self { url, pool_size })
+    }
 }
 
 #[cfg(test)]
@@ -346,7 +365,7 @@ mod tests {
 
     #[test]
     fn a_missing_database_url_is_named() {
-        let error = database_url(&Env::from_pairs([])).unwrap_err();
+        let error = DatabaseConfig::from_env(&Env::from_pairs([])).unwrap_err();
         assert_eq!(error.var, "DATABASE_URL");
         assert!(error.problem.contains("required"));
     }

@@ -58,6 +58,22 @@ pub struct ServerSettings {
     pub shutdown_timeout: Duration,
 }
 
+impl ServerSettings {
+    pub fn new(
+        common: &crate::config::CommonConfig,
+        registry: Registry,
+        readiness: Readiness,
+    ) -> Self {
+        Self {
+            registry,
+            readiness,
+            max_body_bytes: common.max_body_bytes,
+            workers: common.http_workers,
+            shutdown_timeout: common.shutdown_timeout,
+        }
+    }
+}
+
 /// Serves `configure`'s routes plus the shared ones on `listener` until `shutdown`
 /// resolves, then lets in-flight requests finish within `shutdown_timeout`.
 pub async fn serve<C, S>(

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod problem;
 pub mod readiness;
 pub mod secret;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 #[cfg(feature = "test-support")]

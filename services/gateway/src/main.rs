@@ -1,1 +1,5 @@
-fn main() {}
+//! The gateway binary: all of it lives in the library.
+
+fn main() -> std::process::ExitCode {
+    common::service::main::<gateway::Gateway>()
+}

@@ -1,0 +1,93 @@
+//! What every service's `main` does: read the config (exit 2 on a bad one), answer the
+//! `healthcheck` subcommand, start telemetry, bind, serve until SIGTERM/SIGINT.
+//!
+//! A service's `main.rs` is one call to [`main`]; everything it runs lives in its library
+//! so that the tests drive the same code.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::process::ExitCode;
+
+use crate::config::{self, CommonConfig, ConfigError, Env};
+use crate::{healthcheck, shutdown, telemetry};
+
+/// The exit code when the service could not start (port taken, database unreachable).
+const EXIT_START: u8 = 1;
+
+/// A service as `main` sees it.
+pub trait Service {
+    type Config;
+    const NAME: &'static str;
+    const DEFAULT_PORT: u16;
+
+    fn load(env: &Env) -> Result<Self::Config, ConfigError>;
+    fn common(config: &Self::Config) -> &CommonConfig;
+    /// Serves on `listener` until `shutdown` resolves.
+    fn run(
+        config: Self::Config,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> impl Future<Output = anyhow::Result<()>>;
+}
+
+pub fn main<S: Service>() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let env = Env::from_process();
+    match args.first().map(String::as_str) {
+        None => serve::<S>(&env),
+        Some("healthcheck") => {
+            let common = config::or_exit(S::NAME, CommonConfig::from_env(&env, S::DEFAULT_PORT));
+            healthcheck::run(common.listen_addr)
+        }
+        Some("--version" | "version") => {
+            println!("{} {}", S::NAME, env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Some(other) => {
+            eprintln!(
+                "{}: unknown argument {other:?}; usage: {} [healthcheck | --version]",
+                S::NAME,
+                S::NAME
+            );
+            ExitCode::from(config::EXIT_CONFIG as u8)
+        }
+    }
+}
+
+fn serve<S: Service>(env: &Env) -> ExitCode {
+    let config = config::or_exit(S::NAME, S::load(env));
+    let common = S::common(&config);
+    telemetry::init(common.log_format);
+    let listen_addr = common.listen_addr;
+    let listener = match TcpListener::bind(listen_addr) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(%listen_addr, %error, "cannot listen");
+            eprintln!("{}: cannot listen on {listen_addr}: {error}", S::NAME);
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{}: cannot start the async runtime: {error}", S::NAME);
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    tracing::info!(service = S::NAME, version = env!("CARGO_PKG_VERSION"), %listen_addr, "starting");
+    match runtime.block_on(S::run(config, listener, shutdown::signal_received())) {
+        Ok(()) => {
+            tracing::info!(service = S::NAME, "stopped");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            tracing::error!(service = S::NAME, error = format!("{error:#}"), "failed");
+            eprintln!("{}: {error:#}", S::NAME);
+            ExitCode::from(EXIT_START)
+        }
+    }
+}
