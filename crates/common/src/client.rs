@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty, Limited};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -29,10 +29,29 @@ pub enum ClientError {
     Body(String, String),
 }
 
+/// A whole answer.
+#[derive(Debug, Clone)]
+pub struct ClientResponse {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl ClientResponse {
+    /// The body as JSON (`Value::Null` when it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
 /// A pooled HTTP/1.1 client with a timeout per call.
 #[derive(Debug, Clone)]
 pub struct HttpClient {
-    inner: Client<HttpConnector, Empty<Bytes>>,
+    inner: Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
 }
 
@@ -51,38 +70,47 @@ impl HttpClient {
 
     /// `GET url` and decode the JSON answer of a 2xx response.
     pub async fn get_json<T: DeserializeOwned>(&self, url: &str) -> Result<T, ClientError> {
-        let uri: Uri = url.parse().map_err(|e: http::uri::InvalidUri| {
-            ClientError::InvalidUrl(url.into(), e.to_string())
-        })?;
-        if uri.scheme_str() != Some("http") {
+        let request = Request::get(url)
+            .header(http::header::ACCEPT, "application/json")
+            .body(Bytes::new())
+            .map_err(|e| ClientError::InvalidUrl(url.into(), e.to_string()))?;
+        let response = self.send(request).await?;
+        if !response.status.is_success() {
+            return Err(ClientError::Status(url.into(), response.status));
+        }
+        serde_json::from_slice(&response.body).map_err(|e| ClientError::Body(url.into(), e.to_string()))
+    }
+
+    /// Sends `request` and reads the whole answer, whatever its status.
+    pub async fn send(&self, request: Request<Bytes>) -> Result<ClientResponse, ClientError> {
+        let url = request.uri().to_string();
+        if request.uri().scheme_str() != Some("http") {
             return Err(ClientError::InvalidUrl(
-                url.into(),
+                url,
                 "only http:// is supported between Concierge services".into(),
             ));
         }
-        let request = Request::get(uri)
-            .header(http::header::ACCEPT, "application/json")
-            .body(Empty::new())
-            .map_err(|e| ClientError::InvalidUrl(url.into(), e.to_string()))?;
+        let request = request.map(Full::new);
         let call = async {
             let response = self
                 .inner
                 .request(request)
                 .await
-                .map_err(|e| ClientError::Unreachable(url.into(), e.to_string()))?;
-            let status = response.status();
-            if !status.is_success() {
-                return Err(ClientError::Status(url.into(), status));
-            }
-            let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+                .map_err(|e| ClientError::Unreachable(url.clone(), e.to_string()))?;
+            let (parts, body) = response.into_parts();
+            let body = Limited::new(body, MAX_RESPONSE_BYTES)
                 .collect()
                 .await
-                .map_err(|e| ClientError::Body(url.into(), e.to_string()))?
+                .map_err(|e| ClientError::Body(url.clone(), e.to_string()))?
                 .to_bytes();
-            serde_json::from_slice(&body).map_err(|e| ClientError::Body(url.into(), e.to_string()))
+            Ok(ClientResponse {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
         };
         tokio::time::timeout(self.timeout, call)
             .await
-            .map_err(|_| ClientError::Timeout(url.into(), self.timeout))?
+            .map_err(|_| ClientError::Timeout(url.clone(), self.timeout))?
     }
 }

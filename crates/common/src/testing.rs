@@ -4,9 +4,11 @@
 //! `cargo xtask test` starts the servers and hands them over in `CONCIERGE_TEST_*`
 //! variables; a test run without them fails and says so, rather than skip silently.
 
+#![expect(clippy::panic, reason = "test support fails the test loudly, with the reason")]
+
 use diesel::{Connection, PgConnection, RunQueryDsl};
 
-use crate::db::{Backend, DatabaseUrl};
+use crate::db::{Backend, DatabaseUrl, Db, Migrations};
 use crate::secret::Secret;
 
 fn required_env(var: &str) -> String {
@@ -89,4 +91,195 @@ macro_rules! both_backends {
             }
         }
     };
+}
+
+/// A service binary running as its own process on a free loopback port, with its output
+/// captured (to search it for leaked secrets); killed on drop.
+#[derive(Debug)]
+pub struct ServiceProcess {
+    child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+    output: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl ServiceProcess {
+    /// Starts `binary` with a clean environment plus `envs` (`LISTEN_ADDR` is chosen here).
+    pub fn spawn(binary: &str, envs: &[(&str, &str)]) -> Self {
+        use std::io::Read;
+        use std::process::{Command, Stdio};
+
+        let port = testkit::free_port().unwrap_or_else(|e| panic!("{e}"));
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut command = Command::new(binary);
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("LISTEN_ADDR", addr.to_string())
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+        let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let echo = std::env::var_os("TEST_LOG").is_some();
+        let pipes: [Option<Box<dyn Read + Send>>; 2] = [
+            child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ];
+        for mut pipe in pipes.into_iter().flatten() {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                    if echo {
+                        eprint!("{}", String::from_utf8_lossy(&buf[..n]));
+                    }
+                    if let Ok(mut all) = output.lock() {
+                        all.extend_from_slice(&buf[..n]);
+                    }
+                }
+            });
+        }
+        Self {
+            child,
+            addr,
+            output,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Waits until `GET /health` answers 200; panics with the process's output otherwise.
+    pub async fn wait_healthy(&mut self) {
+        let client = crate::client::HttpClient::new(std::time::Duration::from_secs(2));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the service exited ({status}) before it was healthy:\n{}", self.output());
+            }
+            let health = client.get_json::<serde_json::Value>(&self.url("/health")).await;
+            if health.is_ok_and(|body| body["status"] == "ok") {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the service was not healthy within 30 s:\n{}", self.output());
+    }
+
+    /// Everything the process wrote so far, stdout and stderr.
+    pub fn output(&self) -> String {
+        self.output
+            .lock()
+            .map(|all| String::from_utf8_lossy(&all).into_owned())
+            .unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits (up to 30 s) for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("the service did not stop within 30 s of SIGTERM:\n{}", self.output());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `binary` with `args` and a clean environment plus `envs`, to completion.
+pub fn run_binary(binary: &str, args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+    std::process::Command::new(binary)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(envs.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {binary}: {e}"))
+}
+
+/// What every service binary must do with its configuration and subcommands: exit 2 with
+/// one line naming a missing or malformed variable, answer `healthcheck`, stop on SIGTERM.
+/// `valid` is a complete environment; each of `required` is removed in turn.
+pub async fn check_binary_basics(binary: &str, valid: &[(&str, &str)], required: &[&str]) {
+    for missing in required {
+        let envs: Vec<_> = valid.iter().copied().filter(|(k, _)| k != missing).collect();
+        let output = run_binary(binary, &[], &envs);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(crate::config::EXIT_CONFIG), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line, not a trace: {stderr}");
+        assert!(stderr.contains(missing) && stderr.contains("required"), "{stderr}");
+    }
+    for (var, bad) in [
+        ("LISTEN_ADDR", "not-an-address"),
+        ("LOG_FORMAT", "xml"),
+        ("RESYNC_INTERVAL", "soon"),
+        ("REDIS_URL", "http://redis"),
+    ] {
+        let mut envs: Vec<_> = valid.iter().copied().filter(|(k, _)| *k != var).collect();
+        envs.push((var, bad));
+        let output = run_binary(binary, &[], &envs);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(crate::config::EXIT_CONFIG), "{var}: {stderr}");
+        assert!(stderr.contains(var), "{stderr}");
+    }
+    let unknown = run_binary(binary, &["frobnicate"], valid);
+    assert_eq!(unknown.status.code(), Some(crate::config::EXIT_CONFIG));
+
+    let mut service = ServiceProcess::spawn(binary, valid);
+    service.wait_healthy().await;
+    let addr = service.addr.to_string();
+    let probe = [("LISTEN_ADDR", addr.as_str())];
+    let healthy = run_binary(binary, &["healthcheck"], &probe);
+    assert!(healthy.status.success(), "{}", String::from_utf8_lossy(&healthy.stderr));
+    let status = service.terminate();
+    assert!(status.success(), "SIGTERM should stop it cleanly: {status}\n{}", service.output());
+    let gone = run_binary(binary, &["healthcheck"], &probe);
+    assert_eq!(gone.status.code(), Some(1));
+}
+
+/// Migrations apply on `backend`, a second run applies nothing, every one of `tables`
+/// exists afterwards, and both backends hold the same migration names.
+pub async fn check_migrations(migrations: &'static Migrations, backend: Backend, tables: &[&str]) {
+    let test_db = TestDb::new(backend);
+    let db = Db::new(&test_db.url, 2);
+    let applied = db.migrate(migrations).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(!applied.is_empty(), "no migration applied on {backend:?}");
+    let again = db.migrate(migrations).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(again.is_empty(), "a second run applied {again:?}");
+    for table in tables {
+        let query = format!("SELECT COUNT(*) FROM {table}");
+        db.run(move |conn| Ok(diesel::sql_query(query).execute(conn)?))
+            .await
+            .unwrap_or_else(|e| panic!("table {table} on {backend:?}: {e}"));
+    }
+    assert_eq!(
+        migrations.names(Backend::Postgres),
+        migrations.names(Backend::Sqlite),
+        "the backends' migrations differ"
+    );
 }

@@ -5,6 +5,8 @@
 //! resync interval, and consumers reload their full state on it (DESIGN.md, "Events").
 //! Without `REDIS_URL` only the timer fires, and publishing is a counted no-op.
 
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::time::Duration;
 
 use common::api::{Channel, Envelope, Event};
@@ -224,7 +226,7 @@ impl ResyncReason {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Signal {
     Resync(ResyncReason),
-    Event(Envelope),
+    Event(Box<Envelope>),
 }
 
 /// A stream of [`Signal`]s; dropping it stops its background tasks.
@@ -382,7 +384,7 @@ fn decode(channel: &str, payload: &[u8], metrics: &EventMetrics) -> Option<Signa
     match serde_json::from_slice::<Envelope>(payload) {
         Ok(envelope) => {
             metrics.received.with_label_values(&[label, "ok"]).inc();
-            Some(Signal::Event(envelope))
+            Some(Signal::Event(Box::new(envelope)))
         }
         Err(error) => {
             // Newer publishers may send types this build does not know: skip, don't stop.

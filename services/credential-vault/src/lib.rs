@@ -1,5 +1,7 @@
 //! The credential-vault: the fleet's secrets: encrypted, versioned credentials, signed tokens and the audit log.
 
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::future::Future;
 use std::net::TcpListener;
 

@@ -3,6 +3,8 @@
 //! It runs on hyper 1 (DESIGN.md, "Two HTTP stacks"). This file wires the server; the
 //! router sends each request to its handler.
 
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::future::Future;
 use std::net::TcpListener;
 

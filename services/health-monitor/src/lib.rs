@@ -1,5 +1,7 @@
 //! The health-monitor: whether every instance is healthy: active checks, states and alerts.
 
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::future::Future;
 use std::net::TcpListener;
 

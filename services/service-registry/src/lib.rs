@@ -1,5 +1,7 @@
 //! The service-registry: where every service instance lives: registration, heartbeats and discovery.
 
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::future::Future;
 use std::net::TcpListener;
 

@@ -1,0 +1,10 @@
+//! The gateway as a process.
+
+use common::testing::check_binary_basics;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_gateway");
+
+#[tokio::test]
+async fn the_binary_validates_config_answers_healthcheck_and_stops_on_sigterm() {
+    check_binary_basics(BINARY, &[], &[]).await;
+}

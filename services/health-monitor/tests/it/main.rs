@@ -1,0 +1,3 @@
+//! The health-monitor as a process and over its database, on both backends.
+
+mod basics;

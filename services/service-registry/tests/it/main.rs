@@ -1,0 +1,3 @@
+//! The service-registry as a process and over its database, on both backends.
+
+mod basics;
