@@ -78,7 +78,8 @@ impl HttpClient {
         if !response.status.is_success() {
             return Err(ClientError::Status(url.into(), response.status));
         }
-        serde_json::from_slice(&response.body).map_err(|e| ClientError::Body(url.into(), e.to_string()))
+        serde_json::from_slice(&response.body)
+            .map_err(|e| ClientError::Body(url.into(), e.to_string()))
     }
 
     /// Sends `request` and reads the whole answer, whatever its status.

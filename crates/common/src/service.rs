@@ -79,7 +79,8 @@ fn serve<S: Service>(env: &Env) -> ExitCode {
         }
     };
     tracing::info!(service = S::NAME, version = env!("CARGO_PKG_VERSION"), %listen_addr, "starting");
-    let served = runtime.block_on(async { S::run(config, listener, shutdown::signal_received()).await });
+    let served =
+        runtime.block_on(async { S::run(config, listener, shutdown::signal_received()).await });
     match served {
         Ok(()) => {
             tracing::info!(service = S::NAME, "stopped");

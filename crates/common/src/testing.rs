@@ -4,7 +4,10 @@
 //! `cargo xtask test` starts the servers and hands them over in `CONCIERGE_TEST_*`
 //! variables; a test run without them fails and says so, rather than skip silently.
 
-#![expect(clippy::panic, reason = "test support fails the test loudly, with the reason")]
+#![expect(
+    clippy::panic,
+    reason = "test support fails the test loudly, with the reason"
+)]
 
 use diesel::{Connection, PgConnection, RunQueryDsl};
 
@@ -127,8 +130,14 @@ impl ServiceProcess {
         let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let echo = std::env::var_os("TEST_LOG").is_some();
         let pipes: [Option<Box<dyn Read + Send>>; 2] = [
-            child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
-            child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
         ];
         for mut pipe in pipes.into_iter().flatten() {
             let output = output.clone();
@@ -161,15 +170,23 @@ impl ServiceProcess {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while std::time::Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the service exited ({status}) before it was healthy:\n{}", self.output());
+                panic!(
+                    "the service exited ({status}) before it was healthy:\n{}",
+                    self.output()
+                );
             }
-            let health = client.get_json::<serde_json::Value>(&self.url("/health")).await;
+            let health = client
+                .get_json::<serde_json::Value>(&self.url("/health"))
+                .await;
             if health.is_ok_and(|body| body["status"] == "ok") {
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        panic!("the service was not healthy within 30 s:\n{}", self.output());
+        panic!(
+            "the service was not healthy within 30 s:\n{}",
+            self.output()
+        );
     }
 
     /// Everything the process wrote so far, stdout and stderr.
@@ -196,7 +213,10 @@ impl ServiceProcess {
             }
             if std::time::Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("the service did not stop within 30 s of SIGTERM:\n{}", self.output());
+                panic!(
+                    "the service did not stop within 30 s of SIGTERM:\n{}",
+                    self.output()
+                );
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
@@ -227,12 +247,23 @@ pub fn run_binary(binary: &str, args: &[&str], envs: &[(&str, &str)]) -> std::pr
 /// `valid` is a complete environment; each of `required` is removed in turn.
 pub async fn check_binary_basics(binary: &str, valid: &[(&str, &str)], required: &[&str]) {
     for missing in required {
-        let envs: Vec<_> = valid.iter().copied().filter(|(k, _)| k != missing).collect();
+        let envs: Vec<_> = valid
+            .iter()
+            .copied()
+            .filter(|(k, _)| k != missing)
+            .collect();
         let output = run_binary(binary, &[], &envs);
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(crate::config::EXIT_CONFIG), "{stderr}");
+        assert_eq!(
+            output.status.code(),
+            Some(crate::config::EXIT_CONFIG),
+            "{stderr}"
+        );
         assert_eq!(stderr.lines().count(), 1, "one line, not a trace: {stderr}");
-        assert!(stderr.contains(missing) && stderr.contains("required"), "{stderr}");
+        assert!(
+            stderr.contains(missing) && stderr.contains("required"),
+            "{stderr}"
+        );
     }
     for (var, bad) in [
         ("LISTEN_ADDR", "not-an-address"),
@@ -244,7 +275,11 @@ pub async fn check_binary_basics(binary: &str, valid: &[(&str, &str)], required:
         envs.push((var, bad));
         let output = run_binary(binary, &[], &envs);
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(crate::config::EXIT_CONFIG), "{var}: {stderr}");
+        assert_eq!(
+            output.status.code(),
+            Some(crate::config::EXIT_CONFIG),
+            "{var}: {stderr}"
+        );
         assert!(stderr.contains(var), "{stderr}");
     }
     let unknown = run_binary(binary, &["frobnicate"], valid);
@@ -255,9 +290,17 @@ pub async fn check_binary_basics(binary: &str, valid: &[(&str, &str)], required:
     let addr = service.addr.to_string();
     let probe = [("LISTEN_ADDR", addr.as_str())];
     let healthy = run_binary(binary, &["healthcheck"], &probe);
-    assert!(healthy.status.success(), "{}", String::from_utf8_lossy(&healthy.stderr));
+    assert!(
+        healthy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&healthy.stderr)
+    );
     let status = service.terminate();
-    assert!(status.success(), "SIGTERM should stop it cleanly: {status}\n{}", service.output());
+    assert!(
+        status.success(),
+        "SIGTERM should stop it cleanly: {status}\n{}",
+        service.output()
+    );
     let gone = run_binary(binary, &["healthcheck"], &probe);
     assert_eq!(gone.status.code(), Some(1));
 }
@@ -267,9 +310,15 @@ pub async fn check_binary_basics(binary: &str, valid: &[(&str, &str)], required:
 pub async fn check_migrations(migrations: &'static Migrations, backend: Backend, tables: &[&str]) {
     let test_db = TestDb::new(backend);
     let db = Db::new(&test_db.url, 2);
-    let applied = db.migrate(migrations).await.unwrap_or_else(|e| panic!("{e}"));
+    let applied = db
+        .migrate(migrations)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(!applied.is_empty(), "no migration applied on {backend:?}");
-    let again = db.migrate(migrations).await.unwrap_or_else(|e| panic!("{e}"));
+    let again = db
+        .migrate(migrations)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(again.is_empty(), "a second run applied {again:?}");
     for table in tables {
         let query = format!("SELECT COUNT(*) FROM {table}");

@@ -33,7 +33,14 @@ async fn start(
         }
     };
     let server = tokio::spawn(async move {
-        hyper_server::serve(listener, &registry, handler, shutdown, Duration::from_secs(10)).await
+        hyper_server::serve(
+            listener,
+            &registry,
+            handler,
+            shutdown,
+            Duration::from_secs(10),
+        )
+        .await
     });
     wait_until_up(&format!("{base}/health")).await;
     (base, server)
@@ -52,22 +59,40 @@ async fn shared_routes_and_request_ids() {
     let ready = client.send(get(format!("{base}/ready"))).await.unwrap();
     assert_eq!(ready.status, 503);
     assert_eq!(ready.json()["checks"]["redis"], "down");
-    assert_eq!(ready.header("content-type"), Some("application/problem+json"));
+    assert_eq!(
+        ready.header("content-type"),
+        Some("application/problem+json")
+    );
 
     let mut with_id = get(format!("{base}/elsewhere"));
-    with_id.headers_mut().insert("x-request-id", "bad id with spaces".parse().unwrap());
+    with_id
+        .headers_mut()
+        .insert("x-request-id", "bad id with spaces".parse().unwrap());
     let missing = client.send(with_id).await.unwrap();
     assert_eq!(missing.status, 404);
     let id = missing.header("x-request-id").unwrap();
-    assert!(uuid::Uuid::parse_str(id).is_ok(), "a malformed id is replaced: {id}");
+    assert!(
+        uuid::Uuid::parse_str(id).is_ok(),
+        "a malformed id is replaced: {id}"
+    );
 
-    let post = Request::post(format!("{base}/metrics")).body(Bytes::new()).unwrap();
+    let post = Request::post(format!("{base}/metrics"))
+        .body(Bytes::new())
+        .unwrap();
     assert_eq!(client.send(post).await.unwrap().status, 405);
 
     let metrics = client.send(get(format!("{base}/metrics"))).await.unwrap();
     let text = String::from_utf8(metrics.body.to_vec()).unwrap();
-    assert!(text.contains(r#"concierge_http_requests_total{method="GET",route="/ready",status="503"} 1"#), "{text}");
-    assert!(text.contains(r#"route="unmatched",status="404"} 1"#), "{text}");
+    assert!(
+        text.contains(
+            r#"concierge_http_requests_total{method="GET",route="/ready",status="503"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"route="unmatched",status="404"} 1"#),
+        "{text}"
+    );
     server.abort();
 }
 
@@ -78,11 +103,17 @@ async fn sigterm_lets_a_slow_request_finish() {
     let slow = tokio::spawn(async move { client().send(get(slow_url)).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     sigterm_self();
-    let answer = slow.await.unwrap().expect("the in-flight request must complete");
+    let answer = slow
+        .await
+        .unwrap()
+        .expect("the in-flight request must complete");
     assert_eq!(answer.status, 200);
     assert_eq!(answer.body, "finished");
     let stopped = tokio::time::timeout(Duration::from_secs(10), server).await;
-    assert!(matches!(stopped, Ok(Ok(Ok(())))), "the server should stop cleanly: {stopped:?}");
+    assert!(
+        matches!(stopped, Ok(Ok(Ok(())))),
+        "the server should stop cleanly: {stopped:?}"
+    );
     // And it no longer accepts connections.
     assert!(client().send(get(format!("{base}/health"))).await.is_err());
 }

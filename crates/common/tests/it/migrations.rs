@@ -13,7 +13,11 @@ fn names(dir: &Path) -> BTreeSet<String> {
         .map(|entry| {
             let entry = entry.unwrap();
             for file in ["up.sql", "down.sql"] {
-                assert!(entry.path().join(file).is_file(), "{} lacks {file}", entry.path().display());
+                assert!(
+                    entry.path().join(file).is_file(),
+                    "{} lacks {file}",
+                    entry.path().display()
+                );
             }
             entry.file_name().into_string().unwrap()
         })
@@ -27,9 +31,21 @@ fn both_backends_hold_the_same_migration_names() {
         let service = service.unwrap().path();
         let postgres = names(&service.join("postgres"));
         let sqlite = names(&service.join("sqlite"));
-        assert!(!postgres.is_empty(), "{} has no migrations", service.display());
-        assert_eq!(postgres, sqlite, "{}: the backends' migrations differ", service.display());
+        assert!(
+            !postgres.is_empty(),
+            "{} has no migrations",
+            service.display()
+        );
+        assert_eq!(
+            postgres,
+            sqlite,
+            "{}: the backends' migrations differ",
+            service.display()
+        );
         services += 1;
     }
-    assert_eq!(services, 3, "the vault, registry and monitor each keep a database");
+    assert_eq!(
+        services, 3,
+        "the vault, registry and monitor each keep a database"
+    );
 }

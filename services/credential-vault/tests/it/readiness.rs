@@ -11,14 +11,20 @@ use testkit::PgCluster;
 const BINARY: &str = env!("CARGO_BIN_EXE_credential-vault");
 
 async fn ready_status(client: &HttpClient, service: &ServiceProcess) -> (u16, serde_json::Value) {
-    let request = http::Request::get(service.url("/ready")).body(Bytes::new()).unwrap();
+    let request = http::Request::get(service.url("/ready"))
+        .body(Bytes::new())
+        .unwrap();
     match client.send(request).await {
         Ok(answer) => (answer.status.as_u16(), answer.json()),
         Err(error) => panic!("/ready did not answer: {error}"),
     }
 }
 
-async fn wait_for_status(client: &HttpClient, service: &ServiceProcess, want: u16) -> serde_json::Value {
+async fn wait_for_status(
+    client: &HttpClient,
+    service: &ServiceProcess,
+    want: u16,
+) -> serde_json::Value {
     for _ in 0..300 {
         let (status, body) = ready_status(client, service).await;
         if status == want {
@@ -46,11 +52,18 @@ async fn ready_is_503_while_postgres_is_stopped_and_200_after_it_is_back() {
     assert_eq!(problem["checks"]["database"], "down");
     assert_eq!(problem["detail"], "down: database");
     // Liveness is not readiness: the process itself is fine.
-    let health = client.get_json::<serde_json::Value>(&service.url("/health")).await.unwrap();
+    let health = client
+        .get_json::<serde_json::Value>(&service.url("/health"))
+        .await
+        .unwrap();
     assert_eq!(health["status"], "ok");
 
     postgres.start_server().unwrap();
     let body = wait_for_status(&client, &service, 200).await;
     assert_eq!(body["checks"]["database"], "up");
-    assert!(!service.output().contains("panicked"), "{}", service.output());
+    assert!(
+        !service.output().contains("panicked"),
+        "{}",
+        service.output()
+    );
 }

@@ -8,7 +8,12 @@ const BINARY: &str = env!("CARGO_BIN_EXE_service-registry");
 #[tokio::test]
 async fn the_binary_validates_config_answers_healthcheck_and_stops_on_sigterm() {
     let db = TestDb::sqlite();
-    check_binary_basics(BINARY, &[("DATABASE_URL", db.url.expose())], &["DATABASE_URL"]).await;
+    check_binary_basics(
+        BINARY,
+        &[("DATABASE_URL", db.url.expose())],
+        &["DATABASE_URL"],
+    )
+    .await;
 }
 
 both_backends!(migrations_apply, |backend| async move {
