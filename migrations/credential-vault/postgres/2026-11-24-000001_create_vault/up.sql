@@ -27,9 +27,11 @@ CREATE TABLE credential_versions (
     PRIMARY KEY (credential_id, version)
 );
 
-CREATE TABLE signing_keys (
-    kid TEXT PRIMARY KEY NOT NULL,
-    wrapped_private_key BYTEA NOT NULL,
+-- The vault's own keys (token signing, audit HMAC), sealed under the master key.
+CREATE TABLE sealed_keys (
+    name TEXT PRIMARY KEY NOT NULL,
+    purpose TEXT NOT NULL,
+    sealed BYTEA NOT NULL,
     master_key_id TEXT NOT NULL,
     created_at TIMESTAMP NOT NULL,
     retired_at TIMESTAMP

@@ -1,5 +1,5 @@
 DROP TABLE audit_log;
 DROP TABLE tokens;
-DROP TABLE signing_keys;
+DROP TABLE sealed_keys;
 DROP TABLE credential_versions;
 DROP TABLE credentials;

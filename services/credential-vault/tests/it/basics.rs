@@ -23,7 +23,7 @@ both_backends!(migrations_apply, |backend| async move {
         &[
             "credentials",
             "credential_versions",
-            "signing_keys",
+            "sealed_keys",
             "tokens",
             "audit_log",
         ],
