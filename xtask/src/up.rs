@@ -79,6 +79,8 @@ pub fn run(args: &[String]) -> Result<()> {
         .create(&data)
         .with_context(|| format!("cannot create {}", data.display()))?;
 
+    bootstrap_vault(&root, &data)?;
+
     let (events, exits) = mpsc::channel::<Event>();
     {
         let events = events.clone();
@@ -117,6 +119,51 @@ pub fn run(args: &[String]) -> Result<()> {
         _ => println!("\nxtask: stopping the services"),
     }
     stop_all(&mut children);
+    Ok(())
+}
+
+/// A dev master key and `credential-vault init` into `data`, once: the files stay, and
+/// the next `up` reuses them.
+fn bootstrap_vault(root: &Path, data: &Path) -> Result<()> {
+    let vault = root.join("target/debug/credential-vault");
+    let spec = &STACK[0];
+    let master_key = data.join("master-key");
+    if !master_key.exists() {
+        println!(
+            "xtask: generating a DEV master key in {} (never use it for real secrets)",
+            master_key.display()
+        );
+        run_vault(
+            Command::new(&vault)
+                .arg("generate-master-key")
+                .arg("--out")
+                .arg(&master_key),
+        )?;
+    }
+    if !data.join("admin-token").exists() {
+        println!(
+            "xtask: initializing the vault; tokens go to {}",
+            data.display()
+        );
+        run_vault(
+            Command::new(&vault)
+                .args(["init", "--out"])
+                .arg(data)
+                .env("DATABASE_URL", database_url(data, spec))
+                .env("VAULT_MASTER_KEY_FILE", &master_key)
+                .env("LOG_FORMAT", "pretty"),
+        )?;
+    }
+    Ok(())
+}
+
+fn run_vault(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed ({status})");
+    }
     Ok(())
 }
 
@@ -165,6 +212,13 @@ fn start(
     }
     if spec.database {
         command.env("DATABASE_URL", database_url(data, spec));
+    }
+    if spec.name == "credential-vault" {
+        command
+            .env("VAULT_MASTER_KEY_FILE", data.join("master-key"))
+            .env("VAULT_DEV_MODE", "true");
+    } else {
+        command.env("TOKEN_FILE", data.join(format!("{}-token", spec.name)));
     }
     let mut child = command
         .spawn()

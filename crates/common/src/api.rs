@@ -33,7 +33,7 @@ impl ServiceName {
         if valid {
             Ok(Self(name.to_owned()))
         } else {
-            // Quote at most a prefix: a bad name may be arbitrarily long.
+            // Keep at most a prefix: a bad name may be arbitrarily long.
             Err(InvalidServiceName(name.chars().take(64).collect()))
         }
     }

@@ -142,7 +142,8 @@ impl Env {
     }
 }
 
-fn read_secret_file(path: &Path) -> Result<Secret<String>, String> {
+/// A secret from a file: its text without trailing newlines; empty or unreadable is an error.
+pub fn read_secret_file(path: &Path) -> Result<Secret<String>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let text = String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8", path.display()))?;
     let value = Secret::new(text.trim_end_matches(['\n', '\r']).to_owned());

@@ -192,6 +192,16 @@ fn create_private_file(path: &str) -> std::io::Result<()> {
         .map(drop)
 }
 
+/// A `LIKE` pattern matching values that start with `prefix` taken literally; use it
+/// with `.escape('\\')`.
+pub fn like_prefix(prefix: &str) -> String {
+    let escaped = prefix
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    format!("{escaped}%")
+}
+
 /// Embedded migrations, one set per backend.
 pub struct Migrations {
     pub postgres: EmbeddedMigrations,

@@ -28,6 +28,15 @@ pub trait Service {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> impl Future<Output = anyhow::Result<()>>;
+
+    /// The service's own subcommands (e.g. the vault's `init`); `None` if `name` is not one.
+    fn subcommand(name: &str, args: &[String], env: &Env) -> Option<ExitCode> {
+        let _ = (name, args, env);
+        None
+    }
+
+    /// One line per subcommand of [`Service::subcommand`], for the usage message.
+    const SUBCOMMANDS: &'static str = "";
 }
 
 pub fn main<S: Service>() -> ExitCode {
@@ -43,13 +52,29 @@ pub fn main<S: Service>() -> ExitCode {
             println!("{} {}", S::NAME, env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Some(other) => {
+        Some(name) => S::subcommand(name, &args[1..], &env).unwrap_or_else(|| {
             eprintln!(
-                "{}: unknown argument {other:?}; usage: {} [healthcheck | --version]",
+                "{}: unknown argument {name:?}\nusage: {} [healthcheck | --version]\n{}",
                 S::NAME,
-                S::NAME
+                S::NAME,
+                S::SUBCOMMANDS
             );
             ExitCode::from(config::EXIT_CONFIG as u8)
+        }),
+    }
+}
+
+/// A multi-threaded runtime for a subcommand or the server.
+pub fn runtime(name: &str) -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => Some(runtime),
+        Err(error) => {
+            eprintln!("{name}: cannot start the async runtime: {error}");
+            None
         }
     }
 }
@@ -67,16 +92,8 @@ fn serve<S: Service>(env: &Env) -> ExitCode {
             return ExitCode::from(EXIT_START);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("{}: cannot start the async runtime: {error}", S::NAME);
-            return ExitCode::from(EXIT_START);
-        }
+    let Some(runtime) = runtime(S::NAME) else {
+        return ExitCode::from(EXIT_START);
     };
     tracing::info!(service = S::NAME, version = env!("CARGO_PKG_VERSION"), %listen_addr, "starting");
     let served =

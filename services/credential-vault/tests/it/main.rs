@@ -1,4 +1,8 @@
 //! The credential-vault as a process and over its database, on both backends.
 
+mod access;
 mod basics;
+mod credentials;
 mod readiness;
+mod support;
+mod tamper;

@@ -5,10 +5,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::client::HttpClient;
+use common::db::DatabaseUrl;
+use common::secret::Secret;
 use common::testing::ServiceProcess;
 use testkit::PgCluster;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_credential-vault");
+use crate::support::Fixture;
 
 async fn ready_status(client: &HttpClient, service: &ServiceProcess) -> (u16, serde_json::Value) {
     let request = http::Request::get(service.url("/ready"))
@@ -38,9 +40,9 @@ async fn wait_for_status(
 #[tokio::test]
 async fn ready_is_503_while_postgres_is_stopped_and_200_after_it_is_back() {
     let postgres = PgCluster::start().unwrap();
-    let url = postgres.url("postgres");
-    let mut service = ServiceProcess::spawn(BINARY, &[("DATABASE_URL", &url)]);
-    service.wait_healthy().await;
+    let url = DatabaseUrl::parse(Secret::new(postgres.url("postgres"))).unwrap();
+    let fixture = Fixture::on(url);
+    let service = fixture.start().await.process;
     let client = HttpClient::new(Duration::from_secs(10));
 
     let body = wait_for_status(&client, &service, 200).await;

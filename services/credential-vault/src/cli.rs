@@ -1,0 +1,334 @@
+//! The vault's operator subcommands: `generate-master-key`, `init`, `rotate-master-key`.
+//!
+//! Like `vault operator init`, `init` creates the vault's keys and the first tokens; the
+//! tokens go to files of mode 0600 and nowhere else (never a log, never stdout).
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use chrono::Utc;
+use common::api::services;
+use common::auth::{Claims, SigningKey, now_unix};
+use common::config::{self, Env};
+use common::db::Db;
+use common::secret::Secret;
+
+use crate::audit::{AuditLog, Entry, Outcome};
+use crate::crypto::{AuditHasher, Binding, MasterKey, Sealed};
+use crate::store::{self, SealedKeyRow};
+use crate::vault::{ADMIN_SCOPE, AUDIT_KEY_NAME, AUDIT_PURPOSE, SIGNING_PURPOSE};
+use crate::{Config, MIGRATIONS, NAME};
+
+pub const USAGE: &str = "  generate-master-key --out FILE     write a new random master key (mode 0600)
+  init --out DIR                     create the vault's keys and the first tokens as 0600 files in DIR
+  rotate-master-key --new-key-file FILE   re-wrap every data key and vault key under FILE's key";
+
+/// How long the tokens `init` makes live; rotate them with `POST /api/tokens` before then.
+const INIT_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The control plane's own tokens and the scopes each needs, no more (DESIGN.md).
+const CONTROL_PLANE: &[(&str, &[&str])] = &[
+    (services::GATEWAY, &["services:discover", "health:read"]),
+    (services::SERVICE_REGISTRY, &["services:discover"]),
+    (
+        services::HEALTH_MONITOR,
+        &["services:discover", "services:health:write", "health:read"],
+    ),
+];
+
+pub fn run(name: &str, args: &[String], env: &Env) -> Option<ExitCode> {
+    let result = match name {
+        "generate-master-key" => flag(args, "--out").and_then(|out| generate_master_key(&out)),
+        "init" => flag(args, "--out").and_then(|out| with_runtime(init(env, out))),
+        "rotate-master-key" => {
+            flag(args, "--new-key-file").and_then(|file| with_runtime(rotate_master_key(env, file)))
+        }
+        _ => return None,
+    };
+    Some(match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{NAME} {name}: {error:#}");
+            ExitCode::FAILURE
+        }
+    })
+}
+
+fn flag(args: &[String], name: &str) -> anyhow::Result<PathBuf> {
+    match args {
+        [flag, value] if flag == name => Ok(PathBuf::from(value)),
+        _ => bail!("usage: {NAME} … {name} PATH"),
+    }
+}
+
+fn with_runtime(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let runtime = common::service::runtime(NAME).context("no async runtime")?;
+    runtime.block_on(work)
+}
+
+/// Creates `path` with mode 0600, refusing to overwrite anything.
+fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn generate_master_key(out: &Path) -> anyhow::Result<()> {
+    let (key, text) = MasterKey::generate().context("cannot generate a key")?;
+    write_private(out, format!("{}\n", text.expose()).as_bytes())?;
+    println!(
+        "wrote master key {} to {} (mode 0600)",
+        key.id(),
+        out.display()
+    );
+    Ok(())
+}
+
+async fn open_database(env: &Env) -> anyhow::Result<(Config, Db)> {
+    let config = config::or_exit(NAME, Config::from_env(env));
+    let db = Db::new(&config.database.url, 2);
+    db.migrate(&MIGRATIONS)
+        .await
+        .with_context(|| format!("cannot migrate {}", config.database.url.redacted()))?;
+    Ok((config, db))
+}
+
+fn operator_entry(action: &'static str, resource: &str, outcome: Outcome) -> Entry {
+    Entry {
+        actor: "operator (cli)".into(),
+        action,
+        resource: resource.into(),
+        outcome,
+        request_id: uuid::Uuid::new_v4().to_string(),
+        client_addr: "local".into(),
+    }
+}
+
+async fn init(env: &Env, out: PathBuf) -> anyhow::Result<()> {
+    let (config, db) = open_database(env).await?;
+    if db.run(|conn| Ok(store::is_initialized(conn))).await?? {
+        bail!("the vault is already initialized; init runs once per database");
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+
+    let signer = SigningKey::generate().context("cannot generate the signing key")?;
+    let audit_key = AuditHasher::generate_key().context("cannot generate the audit key")?;
+    let now = Utc::now().naive_utc();
+    let seal = |name: &str, purpose: &str, key: &Secret<Vec<u8>>| -> anyhow::Result<SealedKeyRow> {
+        let (sealed, master_key_id) = config.keyring.seal_key(name, key.expose())?;
+        Ok(SealedKeyRow {
+            name: name.into(),
+            purpose: purpose.into(),
+            sealed,
+            master_key_id,
+            created_at: now,
+            retired_at: None,
+        })
+    };
+    let keys = vec![
+        seal(
+            &format!("signing:{}", signer.kid()),
+            SIGNING_PURPOSE,
+            signer.pkcs8(),
+        )?,
+        seal(AUDIT_KEY_NAME, AUDIT_PURPOSE, &audit_key)?,
+    ];
+
+    let mut tokens = vec![("admin", vec![ADMIN_SCOPE.to_owned()])];
+    tokens.extend(
+        CONTROL_PLANE
+            .iter()
+            .map(|(service, scopes)| (*service, scopes.iter().map(|s| (*s).to_owned()).collect())),
+    );
+    let mut rows = Vec::new();
+    let mut written = Vec::new();
+    for (subject, scopes) in tokens {
+        let iat = now_unix();
+        let claims = Claims {
+            sub: subject.into(),
+            scopes,
+            exp: iat + INIT_TOKEN_TTL.as_secs() as i64,
+            iat,
+            jti: uuid::Uuid::new_v4().to_string(),
+        };
+        let path = out.join(format!("{subject}-token"));
+        // Files first: if the database commit fails they are removed; the other way
+        // round, a committed vault could be left without its admin token.
+        if let Err(error) = write_private(&path, signer.sign(&claims).expose().as_bytes()) {
+            remove_all(&written);
+            return Err(error);
+        }
+        written.push(path);
+        rows.push(crate::api::token_row(&claims));
+    }
+
+    let metrics = crate::metrics::VaultMetrics::new(&prometheus::Registry::new())?;
+    let audit = AuditLog::start(db.clone(), metrics);
+    let committed = audit
+        .execute(
+            move |conn| {
+                if store::is_initialized(conn)? {
+                    return Err(store::StoreError::Conflict("already initialized".into()));
+                }
+                for key in &keys {
+                    store::insert_sealed_key(conn, key)?;
+                }
+                for row in &rows {
+                    store::insert_token(conn, row)?;
+                }
+                Ok(())
+            },
+            |result| {
+                let outcome = if result.is_ok() {
+                    Outcome::Success
+                } else {
+                    Outcome::Error
+                };
+                operator_entry("vault.init", "vault", outcome)
+            },
+        )
+        .await;
+    match committed {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            remove_all(&written);
+            bail!("cannot initialize: {error}");
+        }
+        Err(error) => {
+            remove_all(&written);
+            bail!("cannot initialize: {error}");
+        }
+    }
+    println!(
+        "initialized the vault (signing key {}, master key {}); tokens written (mode 0600):",
+        signer.kid(),
+        config.keyring.current_id()
+    );
+    for path in &written {
+        println!("  {}", path.display());
+    }
+    Ok(())
+}
+
+fn remove_all(paths: &[PathBuf]) {
+    for path in paths {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Re-wraps every data key and vault key under the new master key, in batches, so that
+/// running vaults that hold both keys read throughout; ciphertexts stay as they are.
+async fn rotate_master_key(env: &Env, new_key_file: PathBuf) -> anyhow::Result<()> {
+    let (config, db) = open_database(env).await?;
+    let text = config::read_secret_file(&new_key_file).map_err(anyhow::Error::msg)?;
+    let new_key = MasterKey::from_base64(&text).context("the new key file")?;
+    let new_id = new_key.id().to_owned();
+    // The configured keys keep opening whatever is not re-wrapped yet.
+    let keyring = config.keyring.with_current(new_key);
+
+    let metrics = crate::metrics::VaultMetrics::new(&prometheus::Registry::new())?;
+    let audit = AuditLog::start(db.clone(), metrics);
+    let mut rewrapped = 0usize;
+    loop {
+        let target = new_id.clone();
+        let batch = db
+            .run(move |conn| Ok(store::versions_not_under(conn, &target, 100)))
+            .await??;
+        if batch.is_empty() {
+            break;
+        }
+        let mut updates = Vec::with_capacity(batch.len());
+        for (version, owner) in &batch {
+            let (Some(ciphertext), Some(wrapped_key)) = (&version.ciphertext, &version.wrapped_key)
+            else {
+                continue;
+            };
+            let sealed = Sealed {
+                ciphertext: ciphertext.clone(),
+                wrapped_key: wrapped_key.clone(),
+                master_key_id: version.master_key_id.clone(),
+            };
+            let binding = Binding {
+                credential_id: &version.credential_id,
+                version: version.version,
+                owner,
+            };
+            let fresh = keyring.rewrap(binding, &sealed).with_context(|| {
+                format!(
+                    "cannot re-wrap credential {} version {}",
+                    version.credential_id, version.version
+                )
+            })?;
+            updates.push((
+                version.credential_id.clone(),
+                version.version,
+                fresh.wrapped_key,
+            ));
+        }
+        let count = updates.len();
+        let key_id = new_id.clone();
+        audit
+            .execute(
+                move |conn| {
+                    for (id, number, wrapped) in &updates {
+                        store::rewrap_version(conn, id, *number, wrapped, &key_id)?;
+                    }
+                    Ok(())
+                },
+                |result| {
+                    let outcome = if result.is_ok() {
+                        Outcome::Success
+                    } else {
+                        Outcome::Error
+                    };
+                    operator_entry("master_key.rotate", "credential_versions", outcome)
+                },
+            )
+            .await??;
+        rewrapped += count;
+    }
+
+    let rows = db.run(|conn| Ok(store::sealed_keys(conn))).await??;
+    let mut resealed = Vec::new();
+    for row in rows.iter().filter(|row| row.master_key_id != new_id) {
+        let key = keyring.open_key(&row.name, &row.sealed, &row.master_key_id)?;
+        let (sealed, master_key_id) = keyring.seal_key(&row.name, key.expose())?;
+        resealed.push((row.name.clone(), sealed, master_key_id));
+    }
+    let keys = resealed.len();
+    audit
+        .execute(
+            move |conn| {
+                for (name, sealed, master_key_id) in &resealed {
+                    store::reseal_key(conn, name, sealed, master_key_id)?;
+                }
+                Ok(())
+            },
+            |result| {
+                let outcome = if result.is_ok() {
+                    Outcome::Success
+                } else {
+                    Outcome::Error
+                };
+                operator_entry("master_key.rotate", "sealed_keys", outcome)
+            },
+        )
+        .await??;
+    println!(
+        "re-wrapped {rewrapped} data keys and {keys} vault keys under master key {new_id}; \
+         point VAULT_MASTER_KEY_FILE at {} and restart the vaults",
+        new_key_file.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,290 @@
+//! The vault's state and the rules every request goes through: who is calling, what
+//! they may do, and the audit record of it.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use common::auth::{Claims, Jwks, KeySet, SigningKey, now_unix};
+use common::db::{Db, DbConnection};
+use common::secret::Secret;
+use events::Publisher;
+
+use crate::audit::{AuditLog, Entry, Outcome};
+use crate::crypto::{AuditHasher, Keyring};
+use crate::error::ApiError;
+use crate::metrics::VaultMetrics;
+use crate::store::{self, StoreError};
+
+/// The scope that makes a token an admin token.
+pub const ADMIN_SCOPE: &str = "admin";
+/// A service token's right to read the credentials it owns or that are shared with it.
+pub const CREDENTIALS_READ: &str = "credentials:read";
+
+/// Scopes a service token may carry (DESIGN.md, "Identity and access").
+pub const SERVICE_SCOPES: &[&str] = &[
+    CREDENTIALS_READ,
+    "services:register",
+    "services:discover",
+    "services:health:write",
+    "health:read",
+];
+
+/// The scopes a plain service token gets when none are asked for.
+pub const DEFAULT_SERVICE_SCOPES: &[&str] = &[
+    CREDENTIALS_READ,
+    "services:register",
+    "services:discover",
+    "health:read",
+];
+
+/// Names of the sealed keys in the `sealed_keys` table.
+pub const AUDIT_KEY_NAME: &str = "audit-hmac";
+pub const SIGNING_PURPOSE: &str = "signing";
+pub const AUDIT_PURPOSE: &str = "audit-hmac";
+
+/// Who is calling, once their token checked out.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub claims: Claims,
+    /// How the audit log names them: subject and the token id's HMAC.
+    pub actor: String,
+}
+
+impl Caller {
+    pub fn is_admin(&self) -> bool {
+        self.claims.has_scope(ADMIN_SCOPE)
+    }
+
+    /// The service a non-admin token belongs to.
+    pub fn service(&self) -> Option<&str> {
+        (!self.is_admin()).then_some(self.claims.sub.as_str())
+    }
+
+    /// Whether the caller may read a credential owned by `owner` and shared with `shared_with`.
+    pub fn may_read(&self, owner: &str, shared_with: &[String]) -> bool {
+        if self.is_admin() {
+            return true;
+        }
+        self.claims.has_scope(CREDENTIALS_READ)
+            && (self.claims.sub == owner || shared_with.contains(&self.claims.sub))
+    }
+}
+
+/// Why a request had no valid identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    Missing,
+    Malformed,
+    Invalid,
+    Expired,
+    Revoked,
+}
+
+/// Where a request came from, for its audit record.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    pub request_id: String,
+    pub client_addr: String,
+    /// The `Authorization` header's bearer token, `Err` if the header is malformed.
+    pub bearer: Option<Result<Secret<String>, ()>>,
+}
+
+/// Everything the handlers share.
+#[derive(Debug)]
+pub struct Vault {
+    pub db: Db,
+    pub keyring: Keyring,
+    pub signer: SigningKey,
+    pub keys: KeySet,
+    pub jwks: Jwks,
+    pub hasher: AuditHasher,
+    pub audit: AuditLog,
+    pub publisher: Publisher,
+    pub metrics: VaultMetrics,
+    pub revoked: RwLock<HashSet<String>>,
+    pub default_grace: Duration,
+    pub max_token_ttl: Duration,
+}
+
+impl Vault {
+    /// The caller's identity, or why there is none. Cheap: a signature check and a set lookup.
+    pub fn authenticate(&self, ctx: &RequestContext) -> Result<Caller, (AuthFailure, String)> {
+        let token = match &ctx.bearer {
+            None => return Err((AuthFailure::Missing, "anonymous".into())),
+            Some(Err(())) => return Err((AuthFailure::Malformed, "anonymous".into())),
+            Some(Ok(token)) => token,
+        };
+        // A refused token is named by its HMAC: repeated attempts correlate, nothing leaks.
+        let presented = || format!("unverified token={}", self.hasher.hash(token.expose()));
+        let claims = match self.keys.verify(token.expose(), now_unix()) {
+            Ok(claims) => claims,
+            Err(common::auth::TokenError::Expired) => {
+                return Err((AuthFailure::Expired, presented()));
+            }
+            Err(error) => {
+                tracing::info!(%error, "refused a token");
+                return Err((AuthFailure::Invalid, presented()));
+            }
+        };
+        let actor = format!("{} token={}", claims.sub, self.hasher.hash(&claims.jti));
+        if self.is_revoked(&claims.jti) {
+            return Err((AuthFailure::Revoked, actor));
+        }
+        Ok(Caller { claims, actor })
+    }
+
+    pub fn is_revoked(&self, token_id: &str) -> bool {
+        match self.revoked.read() {
+            Ok(set) => set.contains(token_id),
+            Err(poisoned) => poisoned.into_inner().contains(token_id),
+        }
+    }
+
+    pub fn mark_revoked(&self, token_id: String) {
+        match self.revoked.write() {
+            Ok(mut set) => {
+                set.insert(token_id);
+            }
+            Err(poisoned) => {
+                poisoned.into_inner().insert(token_id);
+            }
+        }
+    }
+
+    /// Reloads the revoked set from the database (reconciliation).
+    pub async fn reload_revoked(&self) -> Result<usize, StoreError> {
+        let now = chrono::Utc::now().naive_utc();
+        let ids = self
+            .read(move |conn| store::revoked_tokens(conn, now))
+            .await?;
+        let count = ids.len();
+        let fresh: HashSet<String> = ids.into_iter().collect();
+        match self.revoked.write() {
+            Ok(mut set) => *set = fresh,
+            Err(poisoned) => *poisoned.into_inner() = fresh,
+        }
+        Ok(count)
+    }
+
+    /// Runs store reads on the blocking pool.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.db
+            .run(move |conn| Ok(f(conn)))
+            .await
+            .map_err(StoreError::Db)?
+    }
+
+    /// An audit record for this request.
+    pub fn entry(
+        &self,
+        ctx: &RequestContext,
+        actor: &str,
+        action: &'static str,
+        resource: &str,
+        outcome: Outcome,
+    ) -> Entry {
+        self.metrics
+            .operations
+            .with_label_values(&[action, outcome.as_str()])
+            .inc();
+        Entry {
+            actor: actor.to_owned(),
+            action,
+            resource: resource.to_owned(),
+            outcome,
+            request_id: ctx.request_id.clone(),
+            client_addr: ctx.client_addr.clone(),
+        }
+    }
+
+    /// Appends a record; a failure to do so is the request's failure (503).
+    pub async fn record(
+        &self,
+        ctx: &RequestContext,
+        actor: &str,
+        action: &'static str,
+        resource: &str,
+        outcome: Outcome,
+    ) -> Result<(), ApiError> {
+        let entry = self.entry(ctx, actor, action, resource, outcome);
+        self.audit
+            .record(entry)
+            .await
+            .map_err(ApiError::AuditUnavailable)
+    }
+
+    /// The caller, or the recorded 401.
+    pub async fn authorize(
+        &self,
+        ctx: &RequestContext,
+        action: &'static str,
+        resource: &str,
+    ) -> Result<Caller, ApiError> {
+        match self.authenticate(ctx) {
+            Ok(caller) => Ok(caller),
+            Err((failure, actor)) => {
+                self.record(ctx, &actor, action, resource, Outcome::Unauthenticated)
+                    .await?;
+                Err(ApiError::Unauthenticated(failure))
+            }
+        }
+    }
+
+    /// The caller if an admin, or the recorded 403.
+    pub async fn authorize_admin(
+        &self,
+        ctx: &RequestContext,
+        action: &'static str,
+        resource: &str,
+    ) -> Result<Caller, ApiError> {
+        let caller = self.authorize(ctx, action, resource).await?;
+        if caller.is_admin() {
+            Ok(caller)
+        } else {
+            Err(self.deny(ctx, &caller, action, resource).await)
+        }
+    }
+
+    /// Records a refusal and returns the 403 (or the 503 if even that cannot be recorded).
+    pub async fn deny(
+        &self,
+        ctx: &RequestContext,
+        caller: &Caller,
+        action: &'static str,
+        resource: &str,
+    ) -> ApiError {
+        match self
+            .record(ctx, &caller.actor, action, resource, Outcome::Denied)
+            .await
+        {
+            Ok(()) => ApiError::Forbidden,
+            Err(error) => error,
+        }
+    }
+
+    /// Signs a token for `subject` and returns it with its claims.
+    pub fn sign(
+        &self,
+        subject: &str,
+        scopes: Vec<String>,
+        ttl: Duration,
+    ) -> (Secret<String>, Claims) {
+        let now = now_unix();
+        let claims = Claims {
+            sub: subject.to_owned(),
+            scopes,
+            exp: now + i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2),
+            iat: now,
+            jti: uuid::Uuid::new_v4().to_string(),
+        };
+        (self.signer.sign(&claims), claims)
+    }
+}
+
+/// Shared state as handlers receive it.
+pub type SharedVault = Arc<Vault>;
