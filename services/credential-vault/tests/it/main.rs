@@ -3,6 +3,7 @@
 mod access;
 mod basics;
 mod credentials;
+mod events;
 mod readiness;
 mod support;
 mod tamper;
