@@ -2,7 +2,11 @@
 //!
 //! - `cargo xtask up`: build and run the four services on the embedded default.
 //! - `cargo xtask test [ARGS…]`: start throwaway PostgreSQL and Redis, run the suite, tear down.
+//! - `cargo xtask bench vault`: benchmarks that print figures side by side.
 
+mod bench;
+mod http;
+mod install;
 mod ports;
 mod test;
 mod up;
@@ -15,6 +19,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   up                 build and run the four services locally (SQLite under ./.data, no Redis)
   test [ARGS...]     start PostgreSQL and Redis, run the workspace tests (ARGS go to nextest)
+  bench vault        the vault's reads beside pgbench's inserts on one PostgreSQL server
 ";
 
 fn main() -> ExitCode {
@@ -22,6 +27,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("up") => up::run(&args[1..]),
         Some("test") => test::run(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
         Some("help" | "--help" | "-h") => {
             print!("{USAGE}");
             Ok(())

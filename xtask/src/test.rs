@@ -73,52 +73,17 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Installs Debian's `postgresql` and `redis-server` when their binaries are missing,
-/// if we may (root on Debian); otherwise says what to install.
+/// PostgreSQL and Redis from Debian's packages when their binaries are missing.
 fn ensure_installed() -> Result<()> {
-    let mut missing = Vec::new();
-    if testkit::find_pg_bindir().is_none() {
-        missing.push("postgresql");
-    }
-    if testkit::find_redis_server().is_none() {
-        missing.push("redis-server");
-    }
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let is_root = nix::unistd::geteuid().is_root();
-    let is_debian = std::path::Path::new("/etc/debian_version").exists();
-    if !(is_root && is_debian) {
-        bail!(
-            "the tests need PostgreSQL and Redis servers; install {} (Debian: apt-get install {})",
-            missing.join(" and "),
-            missing.join(" ")
-        );
-    }
-    println!(
-        "xtask: installing {} from Debian's packages",
-        missing.join(", ")
-    );
-    let apt = |args: &[&str]| -> Result<()> {
-        let status = Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .context("cannot run apt-get")?;
-        if !status.success() {
-            bail!("apt-get {} failed ({status})", args.join(" "));
-        }
-        Ok(())
-    };
-    apt(&["update", "-qq"])?;
-    let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
-    install.extend(&missing);
-    apt(&install)?;
+    crate::install::ensure(
+        "the tests",
+        &[
+            ("postgresql", testkit::find_pg_bindir().is_some()),
+            ("redis-server", testkit::find_redis_server().is_some()),
+        ],
+    )?;
     if testkit::find_pg_bindir().is_none() || testkit::find_redis_server().is_none() {
-        bail!(
-            "installed {} but still cannot find the server binaries",
-            missing.join(", ")
-        );
+        bail!("installed PostgreSQL and Redis but still cannot find their server binaries");
     }
     Ok(())
 }

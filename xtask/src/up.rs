@@ -2,7 +2,7 @@
 //! SQLite files and all state under `./.data/`, no Redis unless `REDIS_URL` is set.
 
 use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -290,25 +290,10 @@ fn wait_until_ready(events: &mpsc::Receiver<Event>) -> Result<()> {
             let names: Vec<_> = pending.iter().map(|s| s.name).collect();
             bail!("not ready after {READY_TIMEOUT:?}: {}", names.join(", "));
         }
-        pending.retain(|spec| http_status(spec.port, "/ready") != Some(200));
+        pending.retain(|spec| crate::http::status(spec.port, "/ready") != Some(200));
         thread::sleep(Duration::from_millis(100));
     }
     Ok(())
-}
-
-/// `GET path` on a loopback port; the status code, or `None` if there was no HTTP answer.
-fn http_status(port: u16, path: &str) -> Option<u16> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut head = [0u8; 12];
-    stream.read_exact(&mut head).ok()?;
-    std::str::from_utf8(head.get(9..12)?).ok()?.parse().ok()
 }
 
 /// SIGTERM to all, then SIGKILL to whatever is left after [`STOP_TIMEOUT`].

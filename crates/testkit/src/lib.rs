@@ -162,11 +162,22 @@ pub struct PgCluster {
     dir: TempDir,
     port: u16,
     as_postgres_user: bool,
+    durable: bool,
 }
 
 impl PgCluster {
-    /// `initdb` and start a cluster with trust auth for `postgres` on 127.0.0.1.
+    /// `initdb` and start a cluster with trust auth for `postgres` on 127.0.0.1, tuned
+    /// for tests: no fsync, no synchronous commit.
     pub fn start() -> Result<Self> {
+        Self::start_with(false)
+    }
+
+    /// A cluster that flushes every commit to disk, as production does: for benchmarks.
+    pub fn start_durable() -> Result<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Result<Self> {
         let bindir = find_pg_bindir().ok_or_else(|| {
             error("PostgreSQL server binaries (initdb, pg_ctl) not found: install Debian's `postgresql` package")
         })?;
@@ -184,6 +195,7 @@ impl PgCluster {
             dir,
             port: free_port()?,
             as_postgres_user,
+            durable,
         };
         let data = cluster.data_dir();
         cluster.pg(
@@ -223,9 +235,14 @@ impl PgCluster {
 
     /// Starts the server (again, after [`PgCluster::stop`]) and waits until it accepts connections.
     pub fn start_server(&self) -> Result<()> {
+        let durability = if self.durable {
+            "-c fsync=on -c synchronous_commit=on -c full_page_writes=on"
+        } else {
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        };
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-             -c full_page_writes=off -c max_connections=400 -c shared_buffers=64MB",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 {durability} -c max_connections=400 \
+             -c shared_buffers=128MB",
             self.port,
             path_str(self.dir.path())?,
         );

@@ -383,21 +383,27 @@ async fn read_credential(
             return Err(error);
         }
     };
-    let lookup = id.clone();
-    let requested = query.version;
-    let loaded = vault
-        .read(move |conn| {
-            let row = store::credential(conn, &lookup)?;
-            let number = requested.unwrap_or(row.current_version);
-            let version = store::version(conn, &lookup, number)?;
-            let previous = if requested.is_none() && row.current_version > 1 {
-                store::version(conn, &lookup, row.current_version - 1).ok()
-            } else {
-                None
-            };
-            Ok((row, version, previous))
-        })
-        .await;
+    let loaded = match query.version {
+        // The hot path: the current version, from the snapshot cache.
+        None => vault.snapshot(&id).await.map(|snapshot| {
+            let snapshot = snapshot.as_ref();
+            (
+                snapshot.row.clone(),
+                snapshot.current.clone(),
+                snapshot.previous.clone(),
+            )
+        }),
+        Some(number) => {
+            let lookup = id.clone();
+            vault
+                .read(move |conn| {
+                    let row = store::credential(conn, &lookup)?;
+                    let version = store::version(conn, &lookup, number)?;
+                    Ok((row, version, None))
+                })
+                .await
+        }
+    };
     let (row, version, previous) = match loaded {
         Ok(found) => found,
         Err(error) => {
@@ -581,6 +587,7 @@ async fn rotate_credential(
         move |conn| store::add_version(conn, &rotated_id, expected, &version, at),
     )
     .await?;
+    vault.snapshots.invalidate(&id);
     let lookup = id.clone();
     let row = vault
         .read(move |conn| store::credential(conn, &lookup))
@@ -660,10 +667,12 @@ async fn set_deleted(
         }
     };
     let at = now();
+    let changed = id.clone();
     let mut row = audited(vault, ctx, &caller, action, resource, move |conn| {
-        store::set_deleted(conn, &id, delete.then_some(at))
+        store::set_deleted(conn, &changed, delete.then_some(at))
     })
     .await?;
+    vault.snapshots.invalidate(&id);
     row.deleted_at = delete.then_some(at);
     Ok(row)
 }
@@ -717,15 +726,17 @@ async fn destroy_versions(
     let versions = body.into_inner().versions;
     let destroyed = versions.clone();
     let at = now();
+    let changed = id.clone();
     audited(
         &vault,
         &ctx,
         &caller,
         "credential.destroy",
         resource,
-        move |conn| store::destroy_versions(conn, &id, &versions, at),
+        move |conn| store::destroy_versions(conn, &changed, &versions, at),
     )
     .await?;
+    vault.snapshots.invalidate(&id);
     Ok(HttpResponse::Ok().json(serde_json::json!({ "destroyed": destroyed })))
 }
 

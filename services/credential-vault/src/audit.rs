@@ -145,9 +145,28 @@ impl AuditLog {
 
     /// Appends `entry`; `Ok` once it is committed.
     pub async fn record(&self, entry: Entry) -> Result<(), AuditUnavailable> {
-        self.execute(move |_| Ok::<_, StoreError>(()), move |_| entry)
+        let (tx, rx) = oneshot::channel();
+        // No change to undo, so no savepoint: a read costs its share of one INSERT.
+        let work: Work = Box::new(move |_: &mut DbConnection| {
+            let deliver: Deliver = Box::new(move |committed| {
+                let _ = tx.send(committed);
+            });
+            (Some(entry), deliver)
+        });
+        self.submit(work, rx).await
+    }
+
+    async fn submit<T>(
+        &self,
+        work: Work,
+        rx: oneshot::Receiver<Result<T, AuditUnavailable>>,
+    ) -> Result<T, AuditUnavailable> {
+        self.jobs
+            .send(work)
             .await
-            .map(drop)
+            .map_err(|_| AuditUnavailable("the audit writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| AuditUnavailable("the audit writer dropped the request".into()))?
     }
 
     /// Runs `change` and appends the record `describe` makes of its result, in one
@@ -173,12 +192,7 @@ impl AuditLog {
             });
             (Some(entry), deliver)
         });
-        self.jobs
-            .send(work)
-            .await
-            .map_err(|_| AuditUnavailable("the audit writer has stopped".into()))?;
-        rx.await
-            .map_err(|_| AuditUnavailable("the audit writer dropped the request".into()))?
+        self.submit(work, rx).await
     }
 }
 
@@ -219,13 +233,15 @@ async fn writer(db: Db, mut queue: mpsc::Receiver<Work>, metrics: VaultMetrics) 
     }
 }
 
-/// Runs a batch in one transaction. The deliveries come back whatever happened, so that
-/// every caller hears the outcome.
+/// Runs a batch in one transaction: each job's change, then all their records in one
+/// multi-row INSERT. The deliveries come back whatever happened, so that every caller
+/// hears the outcome.
 fn write_batch(conn: &mut DbConnection, batch: Vec<Work>) -> (Vec<Deliver>, Result<(), DbError>) {
     let mut delivers = Vec::with_capacity(batch.len());
     let result = conn.transaction(|conn| {
         lock_chain(conn)?;
         let (mut seq, mut prev_hash) = head(conn)?;
+        let mut records = Vec::with_capacity(batch.len());
         for work in batch {
             let (entry, deliver) = work(conn);
             delivers.push(deliver);
@@ -240,15 +256,22 @@ fn write_batch(conn: &mut DbConnection, batch: Vec<Work>) -> (Vec<Deliver>, Resu
                 outcome: entry.outcome.as_str().to_owned(),
                 request_id: entry.request_id,
                 client_addr: entry.client_addr,
-                prev_hash: prev_hash.clone(),
+                prev_hash: std::mem::take(&mut prev_hash),
                 hash: String::new(),
             };
             record.hash = chain_hash(&record);
-            diesel::insert_into(audit_log::table)
-                .values(&record)
-                .execute(conn)?;
-            prev_hash = record.hash;
+            prev_hash.clone_from(&record.hash);
+            records.push(record);
         }
+        // Batch inserts are per backend: MultiConnection does not offer them.
+        match conn {
+            DbConnection::Postgresql(pg) => diesel::insert_into(audit_log::table)
+                .values(&records)
+                .execute(pg)?,
+            DbConnection::Sqlite(sqlite) => diesel::insert_into(audit_log::table)
+                .values(&records)
+                .execute(sqlite)?,
+        };
         Ok::<_, DbError>(())
     });
     (delivers, result)

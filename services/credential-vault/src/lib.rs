@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use actix_web::web;
 use anyhow::{Context, bail};
-use common::api::Channel;
+use common::api::{Channel, Event};
 use common::auth::{Jwks, KeySet, SigningKey};
 use common::config::{CommonConfig, ConfigError, DatabaseConfig, Env};
 use common::db::{Db, Migrations};
@@ -35,7 +35,7 @@ use events::{EventMetrics, Publisher, Signal};
 use crate::audit::AuditLog;
 use crate::crypto::{AuditHasher, Keyring, MasterKey};
 use crate::metrics::VaultMetrics;
-use crate::vault::{AUDIT_KEY_NAME, SIGNING_PURPOSE, Vault};
+use crate::vault::{AUDIT_KEY_NAME, SIGNING_PURPOSE, SnapshotCache, Vault, VerifiedTokens};
 
 pub const NAME: &str = common::api::services::CREDENTIAL_VAULT;
 pub const DEFAULT_PORT: u16 = 8081;
@@ -59,6 +59,9 @@ pub struct Config {
     pub default_grace: Duration,
     /// `VAULT_MAX_TOKEN_TTL`: the longest a token issued through the API may live.
     pub max_token_ttl: Duration,
+    /// `VAULT_CACHE_TTL`: how long a read credential is served from memory (0 turns it
+    /// off). Local changes and other vaults' events invalidate sooner.
+    pub cache_ttl: Duration,
 }
 
 fn master_key(var: &str, text: &Secret<String>) -> Result<MasterKey, ConfigError> {
@@ -102,6 +105,7 @@ impl Config {
             dev_mode: env.or("VAULT_DEV_MODE", false)?,
             default_grace,
             max_token_ttl,
+            cache_ttl: env.duration_or("VAULT_CACHE_TTL", Duration::from_secs(1))?,
         })
     }
 }
@@ -193,6 +197,8 @@ pub async fn run(
         revoked: RwLock::new(HashSet::new()),
         default_grace: config.default_grace,
         max_token_ttl: config.max_token_ttl,
+        snapshots: SnapshotCache::new(config.cache_ttl),
+        verified: VerifiedTokens::default(),
     });
     vault
         .reload_revoked()
@@ -208,12 +214,15 @@ pub async fn run(
     let reconcile = tokio::spawn(async move {
         while let Some(signal) = subscription.next().await {
             match signal {
-                Signal::Event(envelope) => {
-                    if let common::api::Event::TokenRevoked { id } = envelope.event {
-                        reconciler.mark_revoked(id);
+                Signal::Event(envelope) => match envelope.event {
+                    Event::TokenRevoked { id } => reconciler.mark_revoked(id),
+                    Event::CredentialRotated { id, .. } | Event::CredentialDeleted { id, .. } => {
+                        reconciler.snapshots.invalidate(&id);
                     }
-                }
+                    _ => {}
+                },
                 Signal::Resync(_) => {
+                    reconciler.snapshots.clear();
                     if let Err(error) = reconciler.reload_revoked().await {
                         tracing::warn!(%error, "cannot reload revoked tokens; will retry");
                     }

@@ -1,9 +1,9 @@
 //! The vault's state and the rules every request goes through: who is calling, what
 //! they may do, and the audit record of it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::auth::{Claims, Jwks, KeySet, SigningKey, now_unix};
 use common::db::{Db, DbConnection};
@@ -90,6 +90,90 @@ pub struct RequestContext {
     pub bearer: Option<Result<Secret<String>, ()>>,
 }
 
+/// A credential as the hot read path needs it: the row, its current and previous versions.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub row: store::CredentialRow,
+    pub current: store::VersionRow,
+    pub previous: Option<store::VersionRow>,
+}
+
+/// Recently read credentials, so that a read costs no query. Local changes invalidate at
+/// once, other vaults' changes through their events; the TTL bounds staleness when an
+/// event is lost (pub/sub is at-most-once).
+#[derive(Debug)]
+pub struct SnapshotCache {
+    ttl: Duration,
+    entries: RwLock<HashMap<String, (Instant, Arc<Snapshot>)>>,
+}
+
+/// Entries kept at most; past that the cache starts over (cheap, and rare).
+const CACHE_CAPACITY: usize = 10_000;
+
+impl SnapshotCache {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, id: &str) -> Option<Arc<Snapshot>> {
+        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        entries
+            .get(id)
+            .filter(|(at, _)| at.elapsed() < self.ttl)
+            .map(|(_, snapshot)| snapshot.clone())
+    }
+
+    fn put(&self, id: String, snapshot: Arc<Snapshot>) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= CACHE_CAPACITY {
+            entries.clear();
+        }
+        entries.insert(id, (Instant::now(), snapshot));
+    }
+
+    pub fn invalidate(&self, id: &str) {
+        self.entries
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    pub fn clear(&self) {
+        self.entries
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
+/// Tokens whose signature checked out, so that a token is verified once, not per request.
+/// Expiry and revocation are still checked on every request.
+#[derive(Debug, Default)]
+pub struct VerifiedTokens {
+    entries: RwLock<HashMap<String, Claims>>,
+}
+
+impl VerifiedTokens {
+    fn get(&self, token: &str) -> Option<Claims> {
+        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        entries.get(token).cloned()
+    }
+
+    fn put(&self, token: &str, claims: Claims) {
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= CACHE_CAPACITY {
+            entries.clear();
+        }
+        entries.insert(token.to_owned(), claims);
+    }
+}
+
 /// Everything the handlers share.
 #[derive(Debug)]
 pub struct Vault {
@@ -105,6 +189,8 @@ pub struct Vault {
     pub revoked: RwLock<HashSet<String>>,
     pub default_grace: Duration,
     pub max_token_ttl: Duration,
+    pub snapshots: SnapshotCache,
+    pub verified: VerifiedTokens,
 }
 
 impl Vault {
@@ -117,7 +203,20 @@ impl Vault {
         };
         // A refused token is named by its HMAC: repeated attempts correlate, nothing leaks.
         let presented = || format!("unverified token={}", self.hasher.hash(token.expose()));
-        let claims = match self.keys.verify(token.expose(), now_unix()) {
+        let cached = self
+            .verified
+            .get(token.expose())
+            .filter(|claims| claims.exp > now_unix());
+        let verified = match cached {
+            Some(claims) => Ok(claims),
+            None => self
+                .keys
+                .verify(token.expose(), now_unix())
+                .inspect(|claims| {
+                    self.verified.put(token.expose(), claims.clone());
+                }),
+        };
+        let claims = match verified {
             Ok(claims) => claims,
             Err(common::auth::TokenError::Expired) => {
                 return Err((AuthFailure::Expired, presented()));
@@ -165,6 +264,33 @@ impl Vault {
             Err(poisoned) => *poisoned.into_inner() = fresh,
         }
         Ok(count)
+    }
+
+    /// A credential with its current and previous versions, from the cache when fresh.
+    pub async fn snapshot(&self, id: &str) -> Result<Arc<Snapshot>, StoreError> {
+        if let Some(snapshot) = self.snapshots.get(id) {
+            return Ok(snapshot);
+        }
+        let lookup = id.to_owned();
+        let snapshot = Arc::new(
+            self.read(move |conn| {
+                let row = store::credential(conn, &lookup)?;
+                let current = store::version(conn, &lookup, row.current_version)?;
+                let previous = if row.current_version > 1 {
+                    Some(store::version(conn, &lookup, row.current_version - 1)?)
+                } else {
+                    None
+                };
+                Ok(Snapshot {
+                    row,
+                    current,
+                    previous,
+                })
+            })
+            .await?,
+        );
+        self.snapshots.put(id.to_owned(), snapshot.clone());
+        Ok(snapshot)
     }
 
     /// Runs store reads on the blocking pool.

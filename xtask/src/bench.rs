@@ -1,0 +1,292 @@
+//! `cargo xtask bench …`: benchmarks that print figures side by side in one run, never
+//! pass/fail (these machines are shared and noisy; ratios mean more than absolutes).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use testkit::PgCluster;
+
+use crate::{cargo, http, install, repo_root};
+
+const USAGE: &str = "usage: cargo xtask bench vault [--seconds N] [--connections N]";
+
+pub fn run(args: &[String]) -> Result<()> {
+    match args.first().map(String::as_str) {
+        Some("vault") => vault(&Options::parse(&args[1..])?),
+        _ => bail!("{USAGE}"),
+    }
+}
+
+struct Options {
+    seconds: u64,
+    connections: u32,
+}
+
+impl Options {
+    fn parse(args: &[String]) -> Result<Self> {
+        let mut options = Self {
+            seconds: 10,
+            connections: 32,
+        };
+        let mut rest = args.iter();
+        while let Some(flag) = rest.next() {
+            let value = rest
+                .next()
+                .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+            match flag.as_str() {
+                "--seconds" => options.seconds = value.parse().context("--seconds")?,
+                "--connections" => options.connections = value.parse().context("--connections")?,
+                _ => bail!("unknown option {flag}\n{USAGE}"),
+            }
+        }
+        Ok(options)
+    }
+}
+
+/// A child process killed when dropped, so that a failed benchmark leaves nothing behind.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn release_binary(package: &str) -> Result<PathBuf> {
+    let status = cargo()
+        .args(["build", "--release", "--package", package])
+        .current_dir(repo_root())
+        .status()
+        .context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("building {package} failed");
+    }
+    Ok(repo_root().join("target/release").join(package))
+}
+
+fn run_ok(command: &mut Command) -> Result<String> {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn psql(postgres: &PgCluster, database: &str, sql: &str) -> Result<String> {
+    run_ok(
+        Command::new(postgres.bindir().join("psql"))
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-X", "-d"])
+            .arg(postgres.url(database))
+            .args(["-c", sql]),
+    )
+}
+
+/// What wrk measured.
+struct Load {
+    requests_per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn wrk(url: &str, connections: u32, seconds: u64, headers: &[String]) -> Result<Load> {
+    let mut command = Command::new("wrk");
+    command.args([
+        "-t",
+        "2",
+        "-c",
+        &connections.to_string(),
+        "-d",
+        &format!("{seconds}s"),
+        "--latency",
+    ]);
+    for header in headers {
+        command.args(["-H", header]);
+    }
+    let out = run_ok(command.arg(url))?;
+    let number = |label: &str| -> Option<f64> {
+        out.lines()
+            .find_map(|line| line.trim().strip_prefix(label))
+            .and_then(|rest| rest.split_whitespace().next().map(str::to_owned))
+            .and_then(|value| parse_duration_ms(&value).or_else(|| value.parse().ok()))
+    };
+    let errors = out
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            line.strip_prefix("Non-2xx or 3xx responses:")
+                .or_else(|| line.strip_prefix("Socket errors:").map(|_| "1"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+        .sum();
+    Ok(Load {
+        requests_per_second: number("Requests/sec:").context("wrk printed no Requests/sec")?,
+        p50_ms: number("50%").context("wrk printed no p50")?,
+        p99_ms: number("99%").context("wrk printed no p99")?,
+        errors,
+    })
+}
+
+/// wrk prints latencies as `812.00us`, `1.20ms` or `2.01s`.
+fn parse_duration_ms(text: &str) -> Option<f64> {
+    let (number, factor) = if let Some(n) = text.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        return None;
+    };
+    number.parse::<f64>().ok().map(|n| n * factor)
+}
+
+fn json_field(body: &str, field: &str) -> Result<String> {
+    let value: serde_json::Value = serde_json::from_str(body).context("the answer is not JSON")?;
+    value[field]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("the answer has no {field}"))
+}
+
+/// The vault's audited reads beside pgbench's single-row inserts, on one durable PostgreSQL.
+fn vault(options: &Options) -> Result<()> {
+    install::ensure("the vault benchmark", &[("wrk", install::on_path("wrk"))])?;
+    let binary = release_binary("credential-vault")?;
+    let postgres = PgCluster::start_durable().context("cannot start PostgreSQL")?;
+    psql(&postgres, "postgres", "CREATE DATABASE vault")?;
+    psql(&postgres, "postgres", "CREATE DATABASE inserts")?;
+    let work = testkit::TempDir::new("concierge-bench")?;
+    let master_key = work.path().join("master-key");
+    run_ok(
+        Command::new(&binary)
+            .arg("generate-master-key")
+            .arg("--out")
+            .arg(&master_key),
+    )?;
+    let database_url = postgres.url("vault");
+    let tokens = work.path().join("tokens");
+    run_ok(
+        Command::new(&binary)
+            .arg("init")
+            .arg("--out")
+            .arg(&tokens)
+            .env("DATABASE_URL", &database_url)
+            .env("VAULT_MASTER_KEY_FILE", &master_key),
+    )?;
+    let port = testkit::free_port()?;
+    let _vault = Guard(
+        Command::new(&binary)
+            .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("DATABASE_URL", &database_url)
+            .env("VAULT_MASTER_KEY_FILE", &master_key)
+            .env("DB_POOL_SIZE", "16")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("cannot start the vault")?,
+    );
+    let started = Instant::now();
+    while http::status(port, "/ready") != Some(200) {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("the vault did not become ready");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let admin = std::fs::read_to_string(tokens.join("admin-token"))?;
+    let admin_header = format!("Bearer {admin}");
+    let (status, body) = http::request(
+        port,
+        "POST",
+        "/api/credentials",
+        &[("Authorization", &admin_header)],
+        Some(
+            r#"{"service":"payments","name":"db-password","value":{"user":"app","password":"bench-only"}}"#,
+        ),
+    )?;
+    if status != 201 {
+        bail!("cannot create the credential: {status} {body}");
+    }
+    let id = json_field(&body, "id")?;
+    let (status, body) = http::request(
+        port,
+        "POST",
+        "/api/tokens",
+        &[("Authorization", &admin_header)],
+        Some(r#"{"service":"payments"}"#),
+    )?;
+    if status != 201 {
+        bail!("cannot issue a token: {status} {body}");
+    }
+    let token = json_field(&body, "token")?;
+    let url = format!("http://127.0.0.1:{port}/api/credentials/{id}");
+    let auth = vec![format!("Authorization: Bearer {token}")];
+
+    println!(
+        "vault bench: {} connections, {} s each, one PostgreSQL 15 (fsync on, synchronous_commit on), 2 cores shared",
+        options.connections, options.seconds
+    );
+    wrk(&url, options.connections, 2, &auth)?; // warm-up: pool, caches
+    let reads = wrk(&url, options.connections, options.seconds, &auth)?;
+
+    let inserts = pgbench_inserts(&postgres, options)?;
+    let audit_rows = psql(&postgres, "vault", "SELECT count(*) FROM audit_log")?;
+
+    println!(
+        "vault GET /api/credentials/{{id}}: {:.0} reads/s, p50 {:.2} ms, p99 {:.2} ms, {} errors (each read appends an audit record)",
+        reads.requests_per_second, reads.p50_ms, reads.p99_ms, reads.errors
+    );
+    println!("pgbench single-row INSERT:       {inserts:.0} inserts/s");
+    println!(
+        "ratio reads/s ÷ inserts/s:       {:.2} (target ≥ 1.0)",
+        reads.requests_per_second / inserts
+    );
+    println!("audit records written:           {}", audit_rows.trim());
+    Ok(())
+}
+
+fn pgbench_inserts(postgres: &PgCluster, options: &Options) -> Result<f64> {
+    psql(
+        postgres,
+        "inserts",
+        "CREATE TABLE bench_insert (id BIGSERIAL PRIMARY KEY, at TIMESTAMP NOT NULL, actor TEXT NOT NULL, detail TEXT NOT NULL)",
+    )?;
+    let script = Path::new(&std::env::temp_dir())
+        .join(format!("concierge-pgbench-{}.sql", std::process::id()));
+    std::fs::write(
+        &script,
+        "INSERT INTO bench_insert (at, actor, detail) VALUES (now(), 'payments', 'credential.read');\n",
+    )?;
+    let out = run_ok(
+        Command::new(postgres.bindir().join("pgbench"))
+            .args([
+                "-n",
+                "-c",
+                &options.connections.to_string(),
+                "-j",
+                "2",
+                "-T",
+                &options.seconds.to_string(),
+            ])
+            .arg("-f")
+            .arg(&script)
+            .arg(postgres.url("inserts")),
+    );
+    let _ = std::fs::remove_file(&script);
+    let out = out?;
+    out.lines()
+        .find_map(|line| line.strip_prefix("tps = "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("pgbench printed no tps:\n{out}"))
+}
