@@ -217,15 +217,24 @@ fn json_error(error: JsonPayloadError, limit: usize) -> Problem {
             Problem::new("unsupported-media-type", 415, "Unsupported Media Type")
                 .with_detail("send the body as application/json")
         }
-        JsonPayloadError::Deserialize(e) if e.is_data() => {
-            Problem::new("invalid-body", 422, "Unprocessable Content")
-                .with_detail(describe_json_error(&e))
-        }
-        JsonPayloadError::Deserialize(e) => {
-            Problem::bad_request("malformed-json", describe_json_error(&e))
-        }
+        JsonPayloadError::Deserialize(e) => deserialize_problem(&e),
         other => Problem::bad_request("bad-body", other.to_string()),
     }
+}
+
+fn deserialize_problem(error: &serde_json::Error) -> Problem {
+    if error.is_data() {
+        Problem::new("invalid-body", 422, "Unprocessable Content")
+            .with_detail(describe_json_error(error))
+    } else {
+        Problem::bad_request("malformed-json", describe_json_error(error))
+    }
+}
+
+/// Parses a JSON body the way the `Json` extractor would, for handlers that must know
+/// (and record) who is calling before they look at what was sent.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
+    serde_json::from_slice(body).map_err(|e| deserialize_problem(&e))
 }
 
 fn path_error(error: PathError) -> Problem {

@@ -19,7 +19,9 @@ use crate::audit::{Outcome, Verification};
 use crate::crypto::{Binding, Sealed};
 use crate::error::ApiError;
 use crate::store::{self, CredentialRow, ListFilter, StoreError, TokenRow, VersionRow};
-use crate::vault::{Caller, DEFAULT_SERVICE_SCOPES, RequestContext, SERVICE_SCOPES, Vault};
+use crate::vault::{
+    CREDENTIALS_READ, Caller, DEFAULT_SERVICE_SCOPES, RequestContext, SERVICE_SCOPES, Vault,
+};
 
 /// The largest credential value, as JSON.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
@@ -229,6 +231,26 @@ fn seal_value(
     })
 }
 
+/// Parses a JSON body once the caller is known; a bad one is recorded as invalid.
+async fn body_of<T: serde::de::DeserializeOwned>(
+    vault: &Vault,
+    ctx: &RequestContext,
+    caller: &Caller,
+    action: &'static str,
+    resource: &str,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    match common::http::parse_json(body) {
+        Ok(parsed) => Ok(parsed),
+        Err(problem) => {
+            vault
+                .record(ctx, &caller.actor, action, resource, Outcome::Invalid)
+                .await?;
+            Err(ApiError::Body(problem))
+        }
+    }
+}
+
 /// Runs a change under the audit writer: the record of it, success or not, commits with it.
 async fn audited<T, F>(
     vault: &Vault,
@@ -284,14 +306,15 @@ struct CreateCredential {
 async fn create_credential(
     vault: VaultData,
     ctx: RequestContext,
-    body: web::Json<CreateCredential>,
+    body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
     let id = uuid::Uuid::new_v4().to_string();
     let resource = format!("credential:{id}");
     let caller = vault
         .authorize_admin(&ctx, "credential.create", &resource)
         .await?;
+    let body: CreateCredential =
+        body_of(&vault, &ctx, &caller, "credential.create", &resource, &body).await?;
     let checked = parse_name(&body.name).and_then(|()| match &body.description {
         Some(d) if d.len() > 1024 => Err(ApiError::invalid(
             "invalid-description",
@@ -507,12 +530,14 @@ async fn rotate_credential(
     ctx: RequestContext,
     req: HttpRequest,
     path: web::Path<String>,
-    body: web::Json<RotateCredential>,
+    body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
     let resource = format!("credential:{}", path.as_str());
     let caller = vault
         .authorize_admin(&ctx, "credential.rotate", &resource)
         .await?;
+    let body: RotateCredential =
+        body_of(&vault, &ctx, &caller, "credential.rotate", &resource, &body).await?;
     let prepared = parse_id(&path).and_then(|id| {
         let expected = match (if_match(&req)?, body.cas) {
             (Some(a), Some(b)) if a != b => {
@@ -687,12 +712,21 @@ async fn destroy_versions(
     vault: VaultData,
     ctx: RequestContext,
     path: web::Path<String>,
-    body: web::Json<DestroyVersions>,
+    body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
     let resource = format!("credential:{}", path.as_str());
     let caller = vault
         .authorize_admin(&ctx, "credential.destroy", &resource)
         .await?;
+    let body: DestroyVersions = body_of(
+        &vault,
+        &ctx,
+        &caller,
+        "credential.destroy",
+        &resource,
+        &body,
+    )
+    .await?;
     let id = match parse_id(&path) {
         Ok(id) if !body.versions.is_empty() && body.versions.len() <= 1000 => id,
         Ok(_) => {
@@ -723,7 +757,7 @@ async fn destroy_versions(
             return Err(error);
         }
     };
-    let versions = body.into_inner().versions;
+    let versions = body.versions;
     let destroyed = versions.clone();
     let at = now();
     let changed = id.clone();
@@ -837,7 +871,10 @@ async fn service_credentials(
             return Err(ApiError::invalid("invalid-service", error.to_string()));
         }
     };
-    if caller.service().is_some_and(|own| own != service.as_str()) {
+    // A service reads its own set, and only with the scope that lets it read credentials.
+    let own_set =
+        caller.service() == Some(service.as_str()) && caller.claims.has_scope(CREDENTIALS_READ);
+    if !caller.is_admin() && !own_set {
         return Err(vault
             .deny(&ctx, &caller, "credential.read", &resource)
             .await);
@@ -995,13 +1032,11 @@ struct IssueToken {
 async fn issue_token(
     vault: VaultData,
     ctx: RequestContext,
-    body: web::Json<IssueToken>,
+    body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
+    let caller = vault.authorize_admin(&ctx, "token.issue", "tokens").await?;
+    let body: IssueToken = body_of(&vault, &ctx, &caller, "token.issue", "tokens", &body).await?;
     let resource = format!("tokens:{}", body.service);
-    let caller = vault
-        .authorize_admin(&ctx, "token.issue", &resource)
-        .await?;
     let ttl = Duration::from_secs(body.ttl_s.unwrap_or(30 * 24 * 3600));
     let scopes: Vec<String> = body.scopes.unwrap_or_else(|| {
         DEFAULT_SERVICE_SCOPES

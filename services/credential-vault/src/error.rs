@@ -21,6 +21,9 @@ pub enum ApiError {
     /// Input that parsed but makes no sense: `code` is the problem type's suffix.
     #[error("invalid input ({code}): {detail}")]
     Invalid { code: &'static str, detail: String },
+    /// A body that is not the JSON the endpoint takes.
+    #[error("bad body: {0}")]
+    Body(Problem),
     #[error("the value exceeds {0} bytes")]
     ValueTooLarge(usize),
     #[error("version {0} was destroyed")]
@@ -77,6 +80,7 @@ impl ApiError {
             Self::NotFound(resource) => Problem::not_found(format!("{resource} does not exist")),
             Self::Conflict(detail) => Problem::new("conflict", 409, "Conflict").with_detail(detail),
             Self::Invalid { code, detail } => Problem::bad_request(code, detail.clone()),
+            Self::Body(problem) => problem.clone(),
             Self::ValueTooLarge(limit) => Problem::new("value-too-large", 413, "Payload Too Large")
                 .with_detail(format!("a credential value may be at most {limit} bytes of JSON")),
             Self::Destroyed(version) => Problem::new("version-destroyed", 410, "Gone")

@@ -264,6 +264,13 @@ both_backends!(bad_input_gets_a_clear_problem, |backend| async move {
     let fixture = Fixture::new(backend);
     let vault = fixture.start().await;
     let admin = fixture.admin().to_owned();
+    let gateway = fixture.tokens["gateway"].clone();
+    vault
+        .create(
+            &admin,
+            json!({"service": "gateway", "name": "tls-key", "value": "gw-s3cret"}),
+        )
+        .await;
     let post =
         |body: serde_json::Value| vault.call("POST", "/api/credentials", Some(&admin), Some(body));
     let cases = [
@@ -284,6 +291,11 @@ both_backends!(bad_input_gets_a_clear_problem, |backend| async move {
         (vault.call("DELETE", "/api/tokens/xyz", Some(&admin), None).await, 400),
         (vault.call("GET", "/api/credentials", Some("not.a.token"), None).await, 401),
         (vault.call("GET", "/api/credentials", Some("two words"), None).await, 401),
+        // Who is calling comes before what they sent: no token, no opinion on the body.
+        (vault.call("POST", "/api/credentials", None, Some(json!("not an object"))).await, 401),
+        (vault.call("POST", "/api/tokens", Some(&gateway), Some(json!([1, 2]))).await, 403),
+        // A token without credentials:read reads nothing, not even its own service's set.
+        (vault.get("/api/credentials/service/gateway", &gateway).await, 403),
     ];
     for (i, (answer, status)) in cases.iter().enumerate() {
         assert_eq!(

@@ -4,6 +4,7 @@ mod access;
 mod basics;
 mod credentials;
 mod events;
+mod openapi;
 mod readiness;
 mod support;
 mod tamper;
