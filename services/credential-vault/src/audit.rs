@@ -129,16 +129,25 @@ pub struct AuditUnavailable(pub String);
 type Deliver = Box<dyn FnOnce(Result<(), AuditUnavailable>) + Send>;
 type Work = Box<dyn FnOnce(&mut DbConnection) -> (Option<Entry>, Deliver) + Send>;
 
+/// What the writer is asked to do.
+enum Job {
+    /// Only a record (a read, a refusal): it can be re-chained and retried, so a batch of
+    /// these takes the fast path, one INSERT with no explicit transaction.
+    Record(Entry, oneshot::Sender<Result<(), AuditUnavailable>>),
+    /// A change and its record, in one transaction under the chain lock.
+    Change(Work),
+}
+
 /// The handle requests append through; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AuditLog {
-    jobs: mpsc::Sender<Work>,
+    jobs: mpsc::Sender<Job>,
 }
 
 impl AuditLog {
     /// Starts the writer task on `db`.
     pub fn start(db: Db, metrics: VaultMetrics) -> Self {
-        let (jobs, queue) = mpsc::channel::<Work>(4 * MAX_BATCH);
+        let (jobs, queue) = mpsc::channel::<Job>(4 * MAX_BATCH);
         tokio::spawn(writer(db, queue, metrics));
         Self { jobs }
     }
@@ -146,23 +155,16 @@ impl AuditLog {
     /// Appends `entry`; `Ok` once it is committed.
     pub async fn record(&self, entry: Entry) -> Result<(), AuditUnavailable> {
         let (tx, rx) = oneshot::channel();
-        // No change to undo, so no savepoint: a read costs its share of one INSERT.
-        let work: Work = Box::new(move |_: &mut DbConnection| {
-            let deliver: Deliver = Box::new(move |committed| {
-                let _ = tx.send(committed);
-            });
-            (Some(entry), deliver)
-        });
-        self.submit(work, rx).await
+        self.submit(Job::Record(entry, tx), rx).await
     }
 
     async fn submit<T>(
         &self,
-        work: Work,
+        job: Job,
         rx: oneshot::Receiver<Result<T, AuditUnavailable>>,
     ) -> Result<T, AuditUnavailable> {
         self.jobs
-            .send(work)
+            .send(job)
             .await
             .map_err(|_| AuditUnavailable("the audit writer has stopped".into()))?;
         rx.await
@@ -192,25 +194,33 @@ impl AuditLog {
             });
             (Some(entry), deliver)
         });
-        self.submit(work, rx).await
+        self.submit(Job::Change(work), rx).await
     }
 }
 
-async fn writer(db: Db, mut queue: mpsc::Receiver<Work>, metrics: VaultMetrics) {
+/// The last record a writer knows to be committed: the next one links to it.
+type Head = Option<(i64, String)>;
+
+async fn writer(db: Db, mut queue: mpsc::Receiver<Job>, metrics: VaultMetrics) {
+    let mut head: Head = None;
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
-                Ok(work) => batch.push(work),
+                Ok(job) => batch.push(job),
                 Err(_) => break,
             }
         }
         let size = batch.len();
         let started = Instant::now();
-        let written = db.run(move |conn| Ok(write_batch(conn, batch))).await;
+        let known = head.take();
+        let written = db
+            .run(move |conn| Ok(write_batch(conn, batch, known)))
+            .await;
         metrics.observe_audit_batch(size, started.elapsed());
         match written {
-            Ok((delivers, Ok(()))) => {
+            Ok((delivers, Ok(last))) => {
+                head = Some(last);
                 for deliver in delivers {
                     deliver(Ok(()));
                 }
@@ -224,8 +234,8 @@ async fn writer(db: Db, mut queue: mpsc::Receiver<Work>, metrics: VaultMetrics) 
                 }
             }
             Err(error) => {
-                // No connection: the batch's closures were dropped unrun, so their
-                // callers see "dropped" and answer 503.
+                // No connection: the batch was dropped unrun, so its callers see
+                // "dropped" and answer 503.
                 metrics.audit_failures.inc_by(size as u64);
                 tracing::error!(%error, requests = size, "audit append failed: no database connection");
             }
@@ -233,48 +243,131 @@ async fn writer(db: Db, mut queue: mpsc::Receiver<Work>, metrics: VaultMetrics) 
     }
 }
 
-/// Runs a batch in one transaction: each job's change, then all their records in one
-/// multi-row INSERT. The deliveries come back whatever happened, so that every caller
-/// hears the outcome.
-fn write_batch(conn: &mut DbConnection, batch: Vec<Work>) -> (Vec<Deliver>, Result<(), DbError>) {
-    let mut delivers = Vec::with_capacity(batch.len());
-    let result = conn.transaction(|conn| {
-        lock_chain(conn)?;
-        let (mut seq, mut prev_hash) = head(conn)?;
-        let mut records = Vec::with_capacity(batch.len());
-        for work in batch {
-            let (entry, deliver) = work(conn);
-            delivers.push(deliver);
-            let Some(entry) = entry else { continue };
+/// Links `entries` to `head`, each record's hash covering the one before.
+fn chain(entries: &[Entry], head: &(i64, String)) -> Vec<Record> {
+    let (mut seq, mut prev_hash) = head.clone();
+    entries
+        .iter()
+        .map(|entry| {
             seq += 1;
             let mut record = Record {
                 seq,
                 at: Utc::now().naive_utc().trunc_subsecs(6),
-                actor: entry.actor,
+                actor: entry.actor.clone(),
                 action: entry.action.to_owned(),
-                resource: entry.resource,
+                resource: entry.resource.clone(),
                 outcome: entry.outcome.as_str().to_owned(),
-                request_id: entry.request_id,
-                client_addr: entry.client_addr,
+                request_id: entry.request_id.clone(),
+                client_addr: entry.client_addr.clone(),
                 prev_hash: std::mem::take(&mut prev_hash),
                 hash: String::new(),
             };
             record.hash = chain_hash(&record);
             prev_hash.clone_from(&record.hash);
-            records.push(record);
+            record
+        })
+        .collect()
+}
+
+/// One multi-row INSERT; batch inserts are per backend, MultiConnection has none.
+fn insert(conn: &mut DbConnection, records: &[Record]) -> Result<(), DbError> {
+    match conn {
+        DbConnection::Postgresql(pg) => diesel::insert_into(audit_log::table)
+            .values(records)
+            .execute(pg)?,
+        DbConnection::Sqlite(sqlite) => diesel::insert_into(audit_log::table)
+            .values(records)
+            .execute(sqlite)?,
+    };
+    Ok(())
+}
+
+fn last_of(records: &[Record], head: (i64, String)) -> (i64, String) {
+    records.last().map_or(head, |r| (r.seq, r.hash.clone()))
+}
+
+fn is_seq_conflict(error: &DbError) -> bool {
+    matches!(
+        error,
+        DbError::Query(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::UniqueViolation,
+            _
+        ))
+    )
+}
+
+/// Appends a batch and returns the new head. The deliveries come back whatever
+/// happened, so that every caller hears the outcome.
+fn write_batch(
+    conn: &mut DbConnection,
+    batch: Vec<Job>,
+    known: Head,
+) -> (Vec<Deliver>, Result<(i64, String), DbError>) {
+    if batch.iter().all(|job| matches!(job, Job::Record(..))) {
+        let (entries, delivers): (Vec<Entry>, Vec<Deliver>) = batch
+            .into_iter()
+            .filter_map(|job| match job {
+                Job::Record(entry, tx) => {
+                    let deliver: Deliver = Box::new(move |committed| {
+                        let _ = tx.send(committed);
+                    });
+                    Some((entry, deliver))
+                }
+                Job::Change(_) => None,
+            })
+            .unzip();
+        return (delivers, append_records(conn, &entries, known));
+    }
+    let mut delivers = Vec::with_capacity(batch.len());
+    let result = conn.transaction(|conn| {
+        lock_chain(conn)?;
+        let head = head(conn)?;
+        let mut entries = Vec::with_capacity(batch.len());
+        for job in batch {
+            let (entry, deliver) = match job {
+                Job::Change(work) => work(conn),
+                Job::Record(entry, tx) => (
+                    Some(entry),
+                    Box::new(move |committed| {
+                        let _ = tx.send(committed);
+                    }) as Deliver,
+                ),
+            };
+            delivers.push(deliver);
+            entries.extend(entry);
         }
-        // Batch inserts are per backend: MultiConnection does not offer them.
-        match conn {
-            DbConnection::Postgresql(pg) => diesel::insert_into(audit_log::table)
-                .values(&records)
-                .execute(pg)?,
-            DbConnection::Sqlite(sqlite) => diesel::insert_into(audit_log::table)
-                .values(&records)
-                .execute(sqlite)?,
-        };
-        Ok::<_, DbError>(())
+        let records = chain(&entries, &head);
+        insert(conn, &records)?;
+        Ok::<_, DbError>(last_of(&records, head))
     });
     (delivers, result)
+}
+
+/// The fast path: one INSERT linked to the head this writer last committed. Another
+/// process that appended meanwhile makes the first `seq` collide (the primary key); then
+/// the records are re-linked to the real head and tried again. The INSERT takes the
+/// chain lock itself (a statement trigger on PostgreSQL, the write lock on SQLite), so it
+/// never slips between another writer's head read and its commit.
+fn append_records(
+    conn: &mut DbConnection,
+    entries: &[Entry],
+    known: Head,
+) -> Result<(i64, String), DbError> {
+    let mut head = match known {
+        Some(head) => head,
+        None => head(conn)?,
+    };
+    for _ in 0..8 {
+        let records = chain(entries, &head);
+        match insert(conn, &records) {
+            Ok(()) => return Ok(last_of(&records, head)),
+            Err(error) if is_seq_conflict(&error) => head = self::head(conn)?,
+            Err(error) => return Err(error),
+        }
+    }
+    Err(DbError::Unavailable(
+        "the audit chain kept moving under this writer".into(),
+    ))
 }
 
 /// Serializes appenders across processes, so that two never extend the chain from the

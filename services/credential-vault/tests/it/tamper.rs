@@ -354,3 +354,38 @@ both_backends!(
         );
     }
 );
+
+both_backends!(
+    two_vaults_appending_at_once_keep_one_chain,
+    |backend| async move {
+        let fixture = Fixture::new(backend);
+        let a = std::sync::Arc::new(fixture.start().await);
+        let b = std::sync::Arc::new(fixture.start().await);
+        let admin = fixture.admin().to_owned();
+        let id = a
+            .create(
+                &admin,
+                json!({"service": "payments", "name": "hot", "value": "v"}),
+            )
+            .await;
+        let before = a.get("/api/audit/verify", &admin).await.json()["records"]
+            .as_i64()
+            .unwrap();
+
+        // Reads through both vaults at once: records race for the same next sequence numbers.
+        let mut tasks = Vec::new();
+        for i in 0..120 {
+            let vault = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let (admin, path) = (admin.clone(), format!("/api/credentials/{id}"));
+            tasks.push(tokio::spawn(async move {
+                vault.get(&path, &admin).await.status
+            }));
+        }
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), 200);
+        }
+        let verified = a.get("/api/audit/verify", &admin).await.json();
+        assert_eq!(verified["ok"], true, "{verified}");
+        assert_eq!(verified["records"].as_i64().unwrap(), before + 120);
+    }
+);
