@@ -113,8 +113,13 @@ pub struct Instance {
     /// Extra path prefixes the gateway routes to this service.
     #[serde(default)]
     pub routes: Vec<String>,
+    /// The services this one calls (the dependency graph).
+    #[serde(default)]
+    pub dependencies: Vec<ServiceName>,
     pub registered_at: DateTime<Utc>,
     pub last_heartbeat_at: DateTime<Utc>,
+    /// Since when `health` has held.
+    pub health_since: DateTime<Utc>,
 }
 
 /// A credential's description, never its value.

@@ -328,5 +328,125 @@ impl JwksVerifier {
     }
 }
 
+/// Why a request has no usable identity, as a service other than the vault sees it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no bearer token")]
+    Missing,
+    #[error("the Authorization header is not `Bearer <token>`")]
+    Malformed,
+    #[error("{0}")]
+    Invalid(TokenError),
+    #[error("the token has been revoked")]
+    Revoked,
+    /// The vault's keys could not be fetched: not the caller's fault (503).
+    #[error("the signing keys are unavailable")]
+    KeysUnavailable,
+}
+
+/// The bearer token of an `Authorization` header's value.
+pub fn bearer(header: Option<&[u8]>) -> Result<&str, AuthError> {
+    let header = header.ok_or(AuthError::Missing)?;
+    let text = std::str::from_utf8(header).map_err(|_| AuthError::Malformed)?;
+    let (scheme, token) = text.split_once(' ').ok_or(AuthError::Malformed)?;
+    let token = token.trim();
+    if scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && !token.contains(' ') {
+        Ok(token)
+    } else {
+        Err(AuthError::Malformed)
+    }
+}
+
+/// Checks tokens for the services other than the vault: signatures against the vault's
+/// JWKS, revocations learned from the vault (events, plus the full list on every resync).
+#[derive(Debug)]
+pub struct Authenticator {
+    verifier: JwksVerifier,
+    revoked: RwLock<std::collections::HashSet<String>>,
+    vault_url: String,
+    client: HttpClient,
+    own_token: Option<Secret<String>>,
+}
+
+impl Authenticator {
+    /// `vault_url` is the vault's base URL; `own_token` (the service's `TOKEN_FILE`) lets
+    /// it read the revocation list.
+    pub fn new(vault_url: &str, own_token: Option<Secret<String>>) -> Self {
+        let vault_url = vault_url.trim_end_matches('/').to_owned();
+        let client = HttpClient::new(Duration::from_secs(5));
+        Self {
+            verifier: JwksVerifier::new(
+                format!("{vault_url}/api/auth/jwks"),
+                client.clone(),
+                Duration::from_secs(5),
+            ),
+            revoked: RwLock::new(std::collections::HashSet::new()),
+            vault_url,
+            client,
+            own_token,
+        }
+    }
+
+    /// The claims of the `Authorization` header's token.
+    pub async fn authenticate(&self, header: Option<&[u8]>) -> Result<Claims, AuthError> {
+        let token = bearer(header)?;
+        let claims = self.verifier.verify(token).await.map_err(|e| match e {
+            VerifyError::Token(token) => AuthError::Invalid(token),
+            VerifyError::KeysUnavailable(_) => AuthError::KeysUnavailable,
+        })?;
+        let revoked = match self.revoked.read() {
+            Ok(set) => set.contains(&claims.jti),
+            Err(poisoned) => poisoned.into_inner().contains(&claims.jti),
+        };
+        if revoked {
+            return Err(AuthError::Revoked);
+        }
+        Ok(claims)
+    }
+
+    pub fn mark_revoked(&self, id: String) {
+        match self.revoked.write() {
+            Ok(mut set) => set.insert(id),
+            Err(poisoned) => poisoned.into_inner().insert(id),
+        };
+    }
+
+    /// Reloads the revocation list from the vault (reconciliation); needs the own token.
+    pub async fn reload_revoked(&self) -> Result<usize, crate::client::ClientError> {
+        let Some(token) = &self.own_token else {
+            return Ok(0);
+        };
+        let request = http::Request::get(format!("{}/api/tokens/revoked", self.vault_url))
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", token.expose()),
+            )
+            .body(bytes::Bytes::new())
+            .map_err(|e| {
+                crate::client::ClientError::InvalidUrl(self.vault_url.clone(), e.to_string())
+            })?;
+        let response = self.client.send(request).await?;
+        if !response.status.is_success() {
+            return Err(crate::client::ClientError::Status(
+                self.vault_url.clone(),
+                response.status,
+            ));
+        }
+        #[derive(Deserialize)]
+        struct Revoked {
+            revoked: Vec<String>,
+        }
+        let list: Revoked = serde_json::from_slice(&response.body)
+            .map_err(|e| crate::client::ClientError::Body(self.vault_url.clone(), e.to_string()))?;
+        let count = list.revoked.len();
+        let fresh = list.revoked.into_iter().collect();
+        match self.revoked.write() {
+            Ok(mut set) => *set = fresh,
+            Err(poisoned) => *poisoned.into_inner() = fresh,
+        }
+        Ok(count)
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -6,6 +6,7 @@
 
 #![expect(
     clippy::panic,
+    clippy::unwrap_used,
     reason = "test support fails the test loudly, with the reason"
 )]
 
@@ -331,4 +332,132 @@ pub async fn check_migrations(migrations: &'static Migrations, backend: Backend,
         migrations.names(Backend::Sqlite),
         "the backends' migrations differ"
     );
+}
+
+/// A binary of this workspace, built beside the running test (`target/<profile>/<name>`).
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("no current exe: {e}"));
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .unwrap_or_else(|| panic!("unexpected test binary path {}", exe.display()));
+    let binary = dir.join(name);
+    assert!(
+        binary.is_file(),
+        "{} is not built: run the tests with `cargo xtask test` (it builds the workspace)",
+        binary.display()
+    );
+    binary
+}
+
+/// A real credential-vault process on its own SQLite database, initialized, for the
+/// other services' tests (their tokens and credentials come from it).
+#[derive(Debug)]
+pub struct VaultFixture {
+    pub process: ServiceProcess,
+    pub dir: testkit::TempDir,
+    _db: TestDb,
+    tokens: std::collections::HashMap<String, String>,
+    client: crate::client::HttpClient,
+}
+
+impl VaultFixture {
+    pub async fn start() -> Self {
+        let binary = workspace_binary("credential-vault");
+        let binary = binary.to_str().unwrap();
+        let db = TestDb::sqlite();
+        let dir = testkit::TempDir::new("concierge-vault").unwrap();
+        let key = dir.path().join("master-key");
+        let key = key.to_str().unwrap();
+        let out = run_binary(binary, &["generate-master-key", "--out", key], &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let tokens_dir = dir.path().join("tokens");
+        let env = [
+            ("DATABASE_URL", db.url.expose()),
+            ("VAULT_MASTER_KEY_FILE", key),
+        ];
+        let out = run_binary(
+            binary,
+            &["init", "--out", tokens_dir.to_str().unwrap()],
+            &env,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut tokens = std::collections::HashMap::new();
+        for entry in std::fs::read_dir(&tokens_dir).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().into_string().unwrap();
+            tokens.insert(
+                name.trim_end_matches("-token").to_owned(),
+                std::fs::read_to_string(entry.path()).unwrap(),
+            );
+        }
+        let mut process = ServiceProcess::spawn(binary, &env);
+        process.wait_healthy().await;
+        Self {
+            process,
+            dir,
+            _db: db,
+            tokens,
+            client: crate::client::HttpClient::new(std::time::Duration::from_secs(10)),
+        }
+    }
+
+    /// The vault's base URL.
+    pub fn url(&self) -> String {
+        self.process.url("")
+    }
+
+    /// A token written by `init`: `admin`, `gateway`, `service-registry`, `health-monitor`.
+    pub fn token(&self, name: &str) -> &str {
+        &self.tokens[name]
+    }
+
+    /// The path of a token file written by `init`.
+    pub fn token_file(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join("tokens").join(format!("{name}-token"))
+    }
+
+    async fn admin_post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let request = http::Request::post(self.process.url(path))
+            .header("authorization", format!("Bearer {}", self.token("admin")))
+            .header("content-type", "application/json")
+            .body(bytes::Bytes::from(body.to_string()))
+            .unwrap();
+        let answer = self.client.send(request).await.unwrap();
+        assert_eq!(answer.status, 201, "{path}: {:?}", answer.json());
+        answer.json()
+    }
+
+    /// A service token for `service`, issued by the admin.
+    pub async fn issue(&self, service: &str) -> String {
+        let issued = self
+            .admin_post("/api/tokens", serde_json::json!({ "service": service }))
+            .await;
+        issued["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Creates a credential and returns its id.
+    pub async fn create_credential(
+        &self,
+        service: &str,
+        name: &str,
+        value: serde_json::Value,
+    ) -> String {
+        let created = self
+            .admin_post(
+                "/api/credentials",
+                serde_json::json!({ "service": service, "name": name, "value": value }),
+            )
+            .await;
+        created["id"].as_str().unwrap().to_owned()
+    }
 }

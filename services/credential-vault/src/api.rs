@@ -82,14 +82,9 @@ impl FromRequest for RequestContext {
             .peer_addr()
             .map_or_else(|| "unknown".to_owned(), |addr| addr.ip().to_string());
         let bearer = req.headers().get(header::AUTHORIZATION).map(|value| {
-            let text = value.to_str().map_err(|_| ())?;
-            let (scheme, token) = text.split_once(' ').ok_or(())?;
-            let token = token.trim();
-            if scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && !token.contains(' ') {
-                Ok(Secret::new(token.to_owned()))
-            } else {
-                Err(())
-            }
+            common::auth::bearer(Some(value.as_bytes()))
+                .map(|token| Secret::new(token.to_owned()))
+                .map_err(drop)
         });
         ready(Ok(Self {
             request_id,

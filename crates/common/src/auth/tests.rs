@@ -299,3 +299,19 @@ mod over_http {
         );
     }
 }
+
+#[test]
+fn bearer_tokens_are_taken_from_well_formed_headers_only() {
+    assert_eq!(bearer(Some(b"Bearer abc.def.ghi")), Ok("abc.def.ghi"));
+    assert_eq!(bearer(Some(b"bearer  abc")), Ok("abc"));
+    assert_eq!(bearer(None), Err(AuthError::Missing));
+    for bad in [
+        &b"Basic abc"[..],
+        b"Bearer",
+        b"Bearer ",
+        b"Bearer two words",
+        b"\xff\xfe",
+    ] {
+        assert_eq!(bearer(Some(bad)), Err(AuthError::Malformed), "{bad:?}");
+    }
+}

@@ -3,7 +3,7 @@
 use common::both_backends;
 use common::testing::{TestDb, check_binary_basics, check_migrations};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_service-registry");
+use crate::support::BINARY;
 
 #[tokio::test]
 async fn the_binary_validates_config_answers_healthcheck_and_stops_on_sigterm() {

@@ -1,3 +1,5 @@
-//! The service-registry as a process and over its database, on both backends.
+//! The service-registry as a process, with a real vault, on both backends.
 
 mod basics;
+mod flow;
+mod support;

@@ -1,0 +1,290 @@
+//! The in-memory view every read is served from, kept fresh by this process's own
+//! changes, other registries' events and periodic reconciliation with the database.
+//!
+//! The index moves on changes a client would act on (registrations, removals, state,
+//! address, metadata, load in tenths), not on a heartbeat that only refreshes a time.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::api::{HealthState, Instance};
+use serde::Serialize;
+use tokio::sync::watch;
+
+#[derive(Debug)]
+pub struct Catalog {
+    state: RwLock<HashMap<String, Instance>>,
+    index: watch::Sender<u64>,
+    /// Round-robin position per service, for discovery among equals.
+    turns: RwLock<HashMap<String, AtomicUsize>>,
+}
+
+/// The part of an instance that a client acts on; a change in it moves the index.
+fn material(instance: &Instance) -> impl PartialEq + '_ {
+    (
+        (
+            &instance.service,
+            &instance.version,
+            &instance.address,
+            instance.port,
+            &instance.health_endpoint,
+            instance.health,
+        ),
+        (
+            instance.load.map(|load| (load * 10.0).round() as i64),
+            instance.weight,
+            &instance.tags,
+            &instance.metadata,
+            &instance.routes,
+            &instance.dependencies,
+        ),
+    )
+}
+
+/// Instance counts per state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub healthy: usize,
+    pub degraded: usize,
+    pub offline: usize,
+}
+
+impl Counts {
+    fn add(&mut self, state: HealthState) {
+        match state {
+            HealthState::Healthy => self.healthy += 1,
+            HealthState::Degraded => self.degraded += 1,
+            HealthState::Offline => self.offline += 1,
+        }
+    }
+}
+
+impl Default for Catalog {
+    fn default() -> Self {
+        Self {
+            state: RwLock::new(HashMap::new()),
+            index: watch::Sender::new(1),
+            turns: RwLock::new(HashMap::new()),
+        }
+    }
+}
+
+impl Catalog {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Instance>> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Instance>> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.index.send_modify(|index| *index += 1);
+    }
+
+    pub fn index(&self) -> u64 {
+        *self.index.borrow()
+    }
+
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.index.subscribe()
+    }
+
+    /// Adds or replaces an instance; `Some(previous)` if it existed. Moves the index only
+    /// on a material change.
+    pub fn upsert(&self, instance: Instance) -> Option<Instance> {
+        let previous = self
+            .write()
+            .insert(instance.instance_id.clone(), instance.clone());
+        if previous
+            .as_ref()
+            .is_none_or(|p| material(p) != material(&instance))
+        {
+            self.bump();
+        }
+        previous
+    }
+
+    pub fn remove(&self, id: &str) -> Option<Instance> {
+        let removed = self.write().remove(id);
+        if removed.is_some() {
+            self.bump();
+        }
+        removed
+    }
+
+    pub fn get(&self, id: &str) -> Option<Instance> {
+        self.read().get(id).cloned()
+    }
+
+    /// Replaces everything with the database's view (reconciliation).
+    pub fn replace_all(&self, instances: Vec<Instance>) {
+        let fresh: HashMap<String, Instance> = instances
+            .into_iter()
+            .map(|i| (i.instance_id.clone(), i))
+            .collect();
+        let mut state = self.write();
+        let changed = state.len() != fresh.len()
+            || fresh.iter().any(|(id, instance)| {
+                state
+                    .get(id)
+                    .is_none_or(|old| material(old) != material(instance))
+            });
+        *state = fresh;
+        drop(state);
+        if changed {
+            self.bump();
+        }
+    }
+
+    pub fn all(&self) -> Vec<Instance> {
+        let mut all: Vec<Instance> = self.read().values().cloned().collect();
+        all.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        all
+    }
+
+    /// The instances of `service`, in id order.
+    pub fn instances_of(&self, service: &str) -> Vec<Instance> {
+        let mut found: Vec<Instance> = self
+            .read()
+            .values()
+            .filter(|i| i.service.as_str() == service)
+            .cloned()
+            .collect();
+        found.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        found
+    }
+
+    /// Every service with its counts per state.
+    pub fn services(&self) -> BTreeMap<String, Counts> {
+        let mut services: BTreeMap<String, Counts> = BTreeMap::new();
+        for instance in self.read().values() {
+            services
+                .entry(instance.service.as_str().to_owned())
+                .or_default()
+                .add(instance.health);
+        }
+        services
+    }
+
+    pub fn counts(instances: &[Instance]) -> Counts {
+        let mut counts = Counts::default();
+        for instance in instances {
+            counts.add(instance.health);
+        }
+        counts
+    }
+
+    /// The instance a client should use now: the least loaded healthy one, round robin
+    /// among equals; with all healthy instances of the service (filtered by `tag`).
+    pub fn discover(&self, service: &str, tag: Option<&str>) -> (Option<Instance>, Vec<Instance>) {
+        let healthy: Vec<Instance> = self
+            .instances_of(service)
+            .into_iter()
+            .filter(|i| i.health == HealthState::Healthy)
+            .filter(|i| tag.is_none_or(|tag| i.tags.iter().any(|t| t == tag)))
+            .collect();
+        let load = |i: &Instance| i.load.map_or(0, |l| (l * 100.0).round() as i64);
+        let Some(least) = healthy.iter().map(load).min() else {
+            return (None, healthy);
+        };
+        let equals: Vec<&Instance> = healthy.iter().filter(|i| load(i) == least).collect();
+        let turn = {
+            let turns = self.turns.read().unwrap_or_else(|p| p.into_inner());
+            turns
+                .get(service)
+                .map(|t| t.fetch_add(1, Ordering::Relaxed))
+        };
+        let turn = turn.unwrap_or_else(|| {
+            let mut turns = self.turns.write().unwrap_or_else(|p| p.into_inner());
+            turns
+                .entry(service.to_owned())
+                .or_insert_with(|| AtomicUsize::new(0))
+                .fetch_add(1, Ordering::Relaxed)
+        });
+        let chosen = equals[turn % equals.len()].clone();
+        (Some(chosen), healthy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use common::api::ServiceName;
+
+    use super::*;
+
+    fn instance(id: &str, load: Option<f64>, health: HealthState) -> Instance {
+        let now = Utc::now();
+        Instance {
+            instance_id: id.into(),
+            service: ServiceName::parse("payments").unwrap(),
+            version: "1".into(),
+            address: "10.0.0.1".into(),
+            port: 8000,
+            health_endpoint: "/health".into(),
+            health,
+            load,
+            weight: 1,
+            tags: vec![],
+            metadata: serde_json::Map::new(),
+            routes: vec![],
+            dependencies: vec![],
+            registered_at: now,
+            last_heartbeat_at: now,
+            health_since: now,
+        }
+    }
+
+    #[test]
+    fn the_index_moves_on_material_changes_only() {
+        let catalog = Catalog::default();
+        let start = catalog.index();
+        catalog.upsert(instance("a", Some(0.11), HealthState::Healthy));
+        assert_eq!(catalog.index(), start + 1);
+        let mut refreshed = instance("a", Some(0.12), HealthState::Healthy);
+        refreshed.last_heartbeat_at = Utc::now() + chrono::Duration::seconds(5);
+        catalog.upsert(refreshed);
+        assert_eq!(
+            catalog.index(),
+            start + 1,
+            "a heartbeat in the same load bucket"
+        );
+        catalog.upsert(instance("a", Some(0.5), HealthState::Healthy));
+        assert_eq!(catalog.index(), start + 2, "the load moved a bucket");
+        catalog.upsert(instance("a", Some(0.5), HealthState::Offline));
+        assert_eq!(catalog.index(), start + 3);
+        assert!(catalog.remove("a").is_some());
+        assert_eq!(catalog.index(), start + 4);
+        assert!(catalog.remove("a").is_none());
+        assert_eq!(catalog.index(), start + 4);
+    }
+
+    #[test]
+    fn discovery_prefers_least_load_and_rotates_among_equals() {
+        let catalog = Catalog::default();
+        catalog.upsert(instance("busy", Some(0.9), HealthState::Healthy));
+        catalog.upsert(instance("idle-1", Some(0.1), HealthState::Healthy));
+        catalog.upsert(instance("idle-2", Some(0.1), HealthState::Healthy));
+        catalog.upsert(instance("down", Some(0.0), HealthState::Offline));
+        catalog.upsert(instance("sick", Some(0.0), HealthState::Degraded));
+        let picks: Vec<String> = (0..4)
+            .map(|_| catalog.discover("payments", None).0.unwrap().instance_id)
+            .collect();
+        assert_eq!(
+            picks.iter().filter(|p| *p == "idle-1").count(),
+            2,
+            "{picks:?}"
+        );
+        assert_eq!(
+            picks.iter().filter(|p| *p == "idle-2").count(),
+            2,
+            "{picks:?}"
+        );
+        let (_, healthy) = catalog.discover("payments", None);
+        assert_eq!(healthy.len(), 3);
+        assert!(catalog.discover("orders", None).0.is_none());
+        assert!(catalog.discover("payments", Some("canary")).0.is_none());
+    }
+}

@@ -1,0 +1,295 @@
+//! What the handlers and background loops share, and the changes they make together:
+//! every change goes to the database, then to the in-memory catalog, then out as an event.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use common::api::{Event, HealthState, Instance, ServiceName};
+use common::auth::Authenticator;
+use common::client::HttpClient;
+use common::db::Db;
+use events::Publisher;
+use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+
+use crate::catalog::Catalog;
+use crate::error::ApiError;
+use crate::store;
+
+#[derive(Debug, Clone)]
+pub struct RegistryMetrics {
+    /// Registrations accepted (new and re-registrations).
+    pub registrations: IntCounter,
+    /// Heartbeats accepted.
+    pub heartbeats: IntCounter,
+    /// Instances that went offline because their heartbeats stopped.
+    pub expiries: IntCounter,
+    /// Instances removed after being offline longer than DEREGISTER_AFTER.
+    pub deregistrations: IntCounter,
+    /// Blocking reads waiting for a change right now.
+    pub blocking_reads: IntGauge,
+    /// Instances by service and state.
+    pub instances: IntGaugeVec,
+}
+
+impl RegistryMetrics {
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        use common::metrics::register;
+        Ok(Self {
+            registrations: register(
+                registry,
+                IntCounter::new(
+                    "concierge_registry_registrations_total",
+                    "Registrations accepted, new and repeated.",
+                )?,
+            )?,
+            heartbeats: register(
+                registry,
+                IntCounter::new(
+                    "concierge_registry_heartbeats_total",
+                    "Heartbeats accepted.",
+                )?,
+            )?,
+            expiries: register(
+                registry,
+                IntCounter::new(
+                    "concierge_registry_expiries_total",
+                    "Instances that went offline because their heartbeats stopped.",
+                )?,
+            )?,
+            deregistrations: register(
+                registry,
+                IntCounter::new(
+                    "concierge_registry_deregistrations_total",
+                    "Instances removed after being offline longer than DEREGISTER_AFTER.",
+                )?,
+            )?,
+            blocking_reads: register(
+                registry,
+                IntGauge::new(
+                    "concierge_registry_blocking_reads_in_flight",
+                    "Blocking reads waiting for a change.",
+                )?,
+            )?,
+            instances: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "concierge_registry_instances",
+                        "Registered instances, by service and state.",
+                    ),
+                    &["service", "state"],
+                )?,
+            )?,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct State {
+    pub db: Db,
+    pub catalog: Catalog,
+    pub auth: Authenticator,
+    pub publisher: Publisher,
+    pub vault_url: String,
+    pub client: HttpClient,
+    pub heartbeat_interval: Duration,
+    pub deregister_after: Duration,
+    pub metrics: RegistryMetrics,
+}
+
+impl State {
+    /// Three missed heartbeats and an instance is offline.
+    pub fn ttl(&self) -> Duration {
+        self.heartbeat_interval * 3
+    }
+
+    /// Events speed the others up; a lost one is caught by their reconciliation.
+    pub async fn publish(&self, event: Event) {
+        if let Err(error) = self.publisher.publish(event).await {
+            tracing::warn!(%error, "cannot publish an event; consumers will reconcile");
+        }
+    }
+
+    /// The credentials `needed` by `service`, read from the vault with the caller's own
+    /// token (the registry holds none that can read secrets). Those the vault does not
+    /// give are listed as missing; an unreachable vault makes them all missing.
+    pub async fn fetch_credentials(
+        &self,
+        service: &str,
+        needed: &[String],
+        authorization: &str,
+    ) -> (serde_json::Map<String, serde_json::Value>, Vec<String>) {
+        let mut found = serde_json::Map::new();
+        if needed.is_empty() {
+            return (found, Vec::new());
+        }
+        let request = http::Request::get(format!(
+            "{}/api/credentials/service/{service}",
+            self.vault_url
+        ))
+        .header(http::header::AUTHORIZATION, authorization)
+        .body(bytes::Bytes::new());
+        let answer = match request {
+            Ok(request) => self.client.send(request).await,
+            Err(error) => {
+                tracing::error!(%error, "cannot build the vault request");
+                return (found, needed.to_vec());
+            }
+        };
+        match answer {
+            Ok(answer) if answer.status.is_success() => {
+                let body = answer.json();
+                for credential in body["credentials"].as_array().into_iter().flatten() {
+                    let name = credential["name"].as_str().unwrap_or_default();
+                    if needed.iter().any(|n| n == name) {
+                        found.insert(name.to_owned(), credential["value"].clone());
+                    }
+                }
+            }
+            Ok(answer) => {
+                tracing::warn!(status = %answer.status, %service, "the vault refused the credentials")
+            }
+            Err(error) => {
+                tracing::warn!(%error, %service, "cannot reach the vault for credentials")
+            }
+        }
+        let missing = needed
+            .iter()
+            .filter(|n| !found.contains_key(n.as_str()))
+            .cloned()
+            .collect();
+        (found, missing)
+    }
+
+    /// Moves an instance to `to` (database, catalog, event); nothing if it is there already.
+    pub async fn change_health(
+        &self,
+        mut instance: Instance,
+        to: HealthState,
+        reason: String,
+    ) -> Result<(), ApiError> {
+        let from = instance.health;
+        if from == to {
+            return Ok(());
+        }
+        let now = Utc::now();
+        let (id, at) = (instance.instance_id.clone(), now.naive_utc());
+        self.db
+            .run(move |conn| store::set_health(conn, &id, to, at))
+            .await
+            .map_err(ApiError::from_db)?;
+        instance.health = to;
+        instance.health_since = now;
+        let (service, instance_id) = (instance.service.clone(), instance.instance_id.clone());
+        self.catalog.upsert(instance);
+        self.publish(Event::HealthChanged {
+            service,
+            instance_id,
+            from,
+            to,
+            reason,
+        })
+        .await;
+        Ok(())
+    }
+
+    pub async fn remove(&self, service: &ServiceName, id: &str) -> Result<(), ApiError> {
+        let target = id.to_owned();
+        self.db
+            .run(move |conn| store::delete(conn, &target))
+            .await
+            .map_err(ApiError::from_db)?;
+        if self.catalog.remove(id).is_some() {
+            self.publish(Event::InstanceDeregistered {
+                service: service.clone(),
+                instance_id: id.to_owned(),
+            })
+            .await;
+        }
+        Ok(())
+    }
+
+    /// Reloads the catalog from the database (reconciliation).
+    pub async fn reload(&self) -> Result<usize, common::db::DbError> {
+        let rows = self.db.run(store::all).await?;
+        let instances: Vec<Instance> = rows
+            .into_iter()
+            .filter_map(store::InstanceRow::into_instance)
+            .collect();
+        let count = instances.len();
+        self.catalog.replace_all(instances);
+        self.update_gauges();
+        Ok(count)
+    }
+
+    /// Heartbeats stopped for a TTL: offline. Offline for DEREGISTER_AFTER: removed.
+    pub async fn sweep(&self) {
+        let now = Utc::now();
+        let ttl = chrono::Duration::from_std(self.ttl()).unwrap_or(chrono::Duration::MAX);
+        let grace =
+            chrono::Duration::from_std(self.deregister_after).unwrap_or(chrono::Duration::MAX);
+        for instance in self.catalog.all() {
+            let silent = now - instance.last_heartbeat_at;
+            if instance.health == HealthState::Offline {
+                if now - instance.health_since > grace && silent > ttl {
+                    let service = instance.service.clone();
+                    match self.remove(&service, &instance.instance_id).await {
+                        Ok(()) => self.metrics.deregistrations.inc(),
+                        Err(error) => tracing::warn!(%error, "cannot remove an expired instance"),
+                    }
+                }
+            } else if silent > ttl {
+                let reason = format!("no heartbeat for {}s", silent.num_seconds());
+                match self
+                    .change_health(instance, HealthState::Offline, reason)
+                    .await
+                {
+                    Ok(()) => self.metrics.expiries.inc(),
+                    Err(error) => tracing::warn!(%error, "cannot mark an instance offline"),
+                }
+            }
+        }
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        self.metrics.instances.reset();
+        for (service, counts) in self.catalog.services() {
+            for (state, count) in [
+                ("healthy", counts.healthy),
+                ("degraded", counts.degraded),
+                ("offline", counts.offline),
+            ] {
+                self.metrics
+                    .instances
+                    .with_label_values(&[service.as_str(), state])
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
+    /// Applies another registry's event to the catalog.
+    pub fn apply(&self, event: Event) {
+        match event {
+            Event::InstanceRegistered { instance } | Event::InstanceUpdated { instance } => {
+                self.catalog.upsert(instance);
+            }
+            Event::InstanceDeregistered { instance_id, .. } => {
+                self.catalog.remove(&instance_id);
+            }
+            Event::HealthChanged {
+                instance_id, to, ..
+            } => {
+                if let Some(mut instance) = self.catalog.get(&instance_id)
+                    && instance.health != to
+                {
+                    instance.health = to;
+                    instance.health_since = Utc::now();
+                    self.catalog.upsert(instance);
+                }
+            }
+            Event::TokenRevoked { id } => self.auth.mark_revoked(id),
+            Event::CredentialRotated { .. } | Event::CredentialDeleted { .. } => {}
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The registry's rows: registrations survive restarts; reads are served from memory.
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use common::api::{HealthState, Instance, ServiceName};
+use common::db::{DbConnection, DbError};
+use diesel::prelude::*;
+
+use crate::schema::instances;
+
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable, Insertable, AsChangeset)]
+#[diesel(table_name = instances)]
+pub struct InstanceRow {
+    pub instance_id: String,
+    pub service: String,
+    pub version: String,
+    pub address: String,
+    pub port: i32,
+    pub health_endpoint: String,
+    pub health: String,
+    pub load: Option<f64>,
+    pub weight: i32,
+    pub tags: String,
+    pub metadata: String,
+    pub routes: String,
+    pub dependencies: String,
+    pub registered_at: NaiveDateTime,
+    pub last_heartbeat_at: NaiveDateTime,
+    pub health_since: NaiveDateTime,
+}
+
+fn utc(at: NaiveDateTime) -> DateTime<Utc> {
+    at.and_utc()
+}
+
+fn health(text: &str) -> HealthState {
+    match text {
+        "healthy" => HealthState::Healthy,
+        "degraded" => HealthState::Degraded,
+        _ => HealthState::Offline,
+    }
+}
+
+impl InstanceRow {
+    pub fn from_instance(instance: &Instance) -> Self {
+        Self {
+            instance_id: instance.instance_id.clone(),
+            service: instance.service.as_str().to_owned(),
+            version: instance.version.clone(),
+            address: instance.address.clone(),
+            port: i32::from(instance.port),
+            health_endpoint: instance.health_endpoint.clone(),
+            health: instance.health.as_str().to_owned(),
+            load: instance.load,
+            weight: i32::try_from(instance.weight).unwrap_or(i32::MAX),
+            tags: to_json(&instance.tags),
+            metadata: to_json(&instance.metadata),
+            routes: to_json(&instance.routes),
+            dependencies: to_json(&instance.dependencies),
+            registered_at: instance.registered_at.naive_utc(),
+            last_heartbeat_at: instance.last_heartbeat_at.naive_utc(),
+            health_since: instance.health_since.naive_utc(),
+        }
+    }
+
+    /// The row as the API shows it; `None` for a row this build cannot read (logged).
+    pub fn into_instance(self) -> Option<Instance> {
+        let parsed = (|| {
+            Some(Instance {
+                service: ServiceName::parse(&self.service).ok()?,
+                port: u16::try_from(self.port).ok()?,
+                health: health(&self.health),
+                tags: serde_json::from_str(&self.tags).ok()?,
+                metadata: serde_json::from_str(&self.metadata).ok()?,
+                routes: serde_json::from_str(&self.routes).ok()?,
+                dependencies: serde_json::from_str(&self.dependencies).ok()?,
+                weight: u32::try_from(self.weight).unwrap_or(1),
+                load: self.load,
+                registered_at: utc(self.registered_at),
+                last_heartbeat_at: utc(self.last_heartbeat_at),
+                health_since: utc(self.health_since),
+                instance_id: self.instance_id.clone(),
+                version: self.version.clone(),
+                address: self.address.clone(),
+                health_endpoint: self.health_endpoint.clone(),
+            })
+        })();
+        if parsed.is_none() {
+            tracing::error!(instance_id = %self.instance_id, "skipping an unreadable instance row");
+        }
+        parsed
+    }
+}
+
+/// JSON text of the list-like columns; serializing these plain values cannot fail.
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+/// Inserts or replaces the registration: re-registering an id updates it in place.
+/// The upsert is backend SQL, so it is an explicit match on the connection.
+pub fn upsert(conn: &mut DbConnection, row: &InstanceRow) -> Result<(), DbError> {
+    match conn {
+        DbConnection::Postgresql(pg) => diesel::insert_into(instances::table)
+            .values(row)
+            .on_conflict(instances::instance_id)
+            .do_update()
+            .set(row)
+            .execute(pg)?,
+        DbConnection::Sqlite(sqlite) => diesel::insert_into(instances::table)
+            .values(row)
+            .on_conflict(instances::instance_id)
+            .do_update()
+            .set(row)
+            .execute(sqlite)?,
+    };
+    Ok(())
+}
+
+pub fn all(conn: &mut DbConnection) -> Result<Vec<InstanceRow>, DbError> {
+    Ok(instances::table
+        .order(instances::instance_id.asc())
+        .select(InstanceRow::as_select())
+        .load(conn)?)
+}
+
+pub fn find(conn: &mut DbConnection, id: &str) -> Result<Option<InstanceRow>, DbError> {
+    Ok(instances::table
+        .find(id)
+        .select(InstanceRow::as_select())
+        .first(conn)
+        .optional()?)
+}
+
+pub fn heartbeat(
+    conn: &mut DbConnection,
+    id: &str,
+    at: NaiveDateTime,
+    load: Option<f64>,
+) -> Result<usize, DbError> {
+    let target = instances::table.find(id);
+    let updated = match load {
+        Some(load) => diesel::update(target)
+            .set((
+                instances::last_heartbeat_at.eq(at),
+                instances::load.eq(Some(load)),
+            ))
+            .execute(conn)?,
+        None => diesel::update(target)
+            .set(instances::last_heartbeat_at.eq(at))
+            .execute(conn)?,
+    };
+    Ok(updated)
+}
+
+pub fn set_health(
+    conn: &mut DbConnection,
+    id: &str,
+    state: HealthState,
+    since: NaiveDateTime,
+) -> Result<usize, DbError> {
+    Ok(diesel::update(instances::table.find(id))
+        .set((
+            instances::health.eq(state.as_str()),
+            instances::health_since.eq(since),
+        ))
+        .execute(conn)?)
+}
+
+pub fn delete(conn: &mut DbConnection, id: &str) -> Result<usize, DbError> {
+    Ok(diesel::delete(instances::table.find(id)).execute(conn)?)
+}
+
+pub fn delete_service(conn: &mut DbConnection, service: &str) -> Result<Vec<String>, DbError> {
+    let ids = instances::table
+        .filter(instances::service.eq(service))
+        .select(instances::instance_id)
+        .load::<String>(conn)?;
+    diesel::delete(instances::table.filter(instances::service.eq(service))).execute(conn)?;
+    Ok(ids)
+}
