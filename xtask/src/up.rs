@@ -213,12 +213,13 @@ fn start(
     if spec.database {
         command.env("DATABASE_URL", database_url(data, spec));
     }
+    command
+        .env("TOKEN_FILE", data.join(format!("{}-token", spec.name)))
+        .env("REGISTRY_URL", "http://127.0.0.1:8082");
     if spec.name == "credential-vault" {
         command
             .env("VAULT_MASTER_KEY_FILE", data.join("master-key"))
             .env("VAULT_DEV_MODE", "true");
-    } else {
-        command.env("TOKEN_FILE", data.join(format!("{}-token", spec.name)));
     }
     let mut child = command
         .spawn()

@@ -248,6 +248,13 @@ pub struct CommonConfig {
     pub shutdown_timeout: Duration,
     /// `HTTP_WORKERS`: server worker threads.
     pub http_workers: usize,
+    /// `REGISTRY_URL`: where this service registers itself (not at all when unset).
+    pub registry_url: Option<String>,
+    /// `TOKEN_FILE`: this service's own token, from `credential-vault init`.
+    pub token: Option<Secret<String>>,
+    /// `ADVERTISE_ADDRESS`: the address others reach this service at (default: the
+    /// listen address, or 127.0.0.1 when that is a wildcard).
+    pub advertise_address: Option<String>,
 }
 
 impl CommonConfig {
@@ -276,6 +283,13 @@ impl CommonConfig {
                 "must be between 1 and 256",
             ));
         }
+        let registry_url: Option<String> = env.optional("REGISTRY_URL")?;
+        if registry_url
+            .as_ref()
+            .is_some_and(|url| !url.starts_with("http://"))
+        {
+            return Err(ConfigError::new("REGISTRY_URL", "expected an http:// URL"));
+        }
         let max_body_bytes = env.or("MAX_BODY_BYTES", 1024 * 1024usize)?;
         if max_body_bytes == 0 {
             return Err(ConfigError::new("MAX_BODY_BYTES", "must be greater than 0"));
@@ -291,6 +305,9 @@ impl CommonConfig {
             max_body_bytes,
             shutdown_timeout: env.duration_or("SHUTDOWN_TIMEOUT", Duration::from_secs(30))?,
             http_workers,
+            registry_url,
+            token: env.secret_file("TOKEN_FILE")?,
+            advertise_address: env.optional("ADVERTISE_ADDRESS")?,
         })
     }
 }

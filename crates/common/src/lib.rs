@@ -15,6 +15,7 @@ pub mod hyper_server;
 pub mod metrics;
 pub mod problem;
 pub mod readiness;
+pub mod registration;
 pub mod secret;
 pub mod service;
 pub mod shutdown;

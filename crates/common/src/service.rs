@@ -96,8 +96,20 @@ fn serve<S: Service>(env: &Env) -> ExitCode {
         return ExitCode::from(EXIT_START);
     };
     tracing::info!(service = S::NAME, version = env!("CARGO_PKG_VERSION"), %listen_addr, "starting");
-    let served =
-        runtime.block_on(async { S::run(config, listener, shutdown::signal_received()).await });
+    let registration = crate::registration::for_service(S::NAME, common);
+    let served = runtime.block_on(async {
+        let heartbeats = registration.as_ref().map(|client| client.start());
+        let served = S::run(config, listener, shutdown::signal_received()).await;
+        if let (Some(client), Some(heartbeats)) = (&registration, heartbeats) {
+            heartbeats.abort();
+            let gone =
+                tokio::time::timeout(std::time::Duration::from_secs(3), client.deregister()).await;
+            if !matches!(gone, Ok(Ok(()))) {
+                tracing::warn!("could not deregister; the registry will expire this instance");
+            }
+        }
+        served
+    });
     match served {
         Ok(()) => {
             tracing::info!(service = S::NAME, "stopped");

@@ -109,11 +109,19 @@ pub struct ServiceProcess {
 impl ServiceProcess {
     /// Starts `binary` with a clean environment plus `envs` (`LISTEN_ADDR` is chosen here).
     pub fn spawn(binary: &str, envs: &[(&str, &str)]) -> Self {
+        let port = testkit::free_port().unwrap_or_else(|e| panic!("{e}"));
+        Self::spawn_at(
+            binary,
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            envs,
+        )
+    }
+
+    /// Starts `binary` listening on `addr` (to restart a service where clients expect it).
+    pub fn spawn_at(binary: &str, addr: std::net::SocketAddr, envs: &[(&str, &str)]) -> Self {
         use std::io::Read;
         use std::process::{Command, Stdio};
 
-        let port = testkit::free_port().unwrap_or_else(|e| panic!("{e}"));
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let mut command = Command::new(binary);
         command
             .env_clear()

@@ -1039,7 +1039,13 @@ async fn issue_token(
             .map(|s| (*s).to_owned())
             .collect()
     });
-    let checked = if ttl < Duration::from_secs(60) || ttl > vault.max_token_ttl {
+    let checked = if body.service.as_str() == "admin" {
+        // A service token named like the admin would read like the admin in the audit log.
+        Err(ApiError::invalid(
+            "invalid-service",
+            "admin is not a service name",
+        ))
+    } else if ttl < Duration::from_secs(60) || ttl > vault.max_token_ttl {
         Err(ApiError::invalid(
             "invalid-ttl",
             format!("ttl_s is between 60 and {}", vault.max_token_ttl.as_secs()),

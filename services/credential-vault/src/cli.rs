@@ -31,13 +31,26 @@ pub const USAGE: &str = "  generate-master-key --out FILE     write a new random
 /// How long the tokens `init` makes live; rotate them with `POST /api/tokens` before then.
 const INIT_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// The control plane's own tokens and the scopes each needs, no more (DESIGN.md).
+/// The control plane's own tokens and the scopes each needs, no more (DESIGN.md). Each
+/// registers itself with the registry; none can read a credential.
 const CONTROL_PLANE: &[(&str, &[&str])] = &[
-    (services::GATEWAY, &["services:discover", "health:read"]),
-    (services::SERVICE_REGISTRY, &["services:discover"]),
+    (services::CREDENTIAL_VAULT, &["services:register"]),
+    (
+        services::GATEWAY,
+        &["services:register", "services:discover", "health:read"],
+    ),
+    (
+        services::SERVICE_REGISTRY,
+        &["services:register", "services:discover"],
+    ),
     (
         services::HEALTH_MONITOR,
-        &["services:discover", "services:health:write", "health:read"],
+        &[
+            "services:register",
+            "services:discover",
+            "services:health:write",
+            "health:read",
+        ],
     ),
 ];
 

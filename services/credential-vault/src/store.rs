@@ -343,14 +343,15 @@ pub fn revoke_token(
     Ok(existing)
 }
 
-/// Ids of revoked tokens that have not expired yet (expired ones are refused anyway).
+/// Ids of revoked tokens that have not expired yet (expired ones are refused anyway),
+/// with a minute's margin over the clock skew that verifiers tolerate.
 pub fn revoked_tokens(
     conn: &mut DbConnection,
     now: NaiveDateTime,
 ) -> Result<Vec<String>, StoreError> {
     Ok(tokens::table
         .filter(tokens::revoked_at.is_not_null())
-        .filter(tokens::expires_at.gt(now))
+        .filter(tokens::expires_at.gt(now - chrono::Duration::minutes(1)))
         .order(tokens::id.asc())
         .select(tokens::id)
         .load(conn)?)

@@ -51,7 +51,17 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(
             resource("/api/services/{name}/instances/{id}/health").route(web::put().to(set_health)),
         )
-        .service(resource("/api/discover").route(web::get().to(discover)));
+        .service(resource("/api/discover").route(web::get().to(discover)))
+        .service(resource("/api/openapi.json").route(web::get().to(openapi)));
+}
+
+/// The OpenAPI document, kept beside the code it describes and checked by a test.
+const OPENAPI: &str = include_str!("../openapi.json");
+
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(OPENAPI)
 }
 
 fn resource(path: &str) -> actix_web::Resource {

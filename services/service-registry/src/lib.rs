@@ -22,7 +22,6 @@ use common::config::{CommonConfig, ConfigError, DatabaseConfig, Env};
 use common::db::{Db, Migrations};
 use common::http::ServerSettings;
 use common::readiness::Readiness;
-use common::secret::Secret;
 use diesel_migrations::embed_migrations;
 use events::{EventMetrics, Publisher, Signal};
 
@@ -45,8 +44,6 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// `VAULT_URL`: where the JWKS, the revocation list and credentials come from.
     pub vault_url: String,
-    /// `TOKEN_FILE`: the registry's own token (reads the revocation list; reads no secret).
-    pub token: Option<Secret<String>>,
     /// `HEARTBEAT_INTERVAL`: how often instances should beat; TTL is three of them.
     pub heartbeat_interval: Duration,
     /// `DEREGISTER_AFTER`: how long an instance stays offline before it is removed.
@@ -70,7 +67,6 @@ impl Config {
             common: CommonConfig::from_env(env, DEFAULT_PORT)?,
             database: DatabaseConfig::from_env(env)?,
             vault_url,
-            token: env.secret_file("TOKEN_FILE")?,
             heartbeat_interval,
             deregister_after: env.duration_or("DEREGISTER_AFTER", Duration::from_secs(600))?,
         })
@@ -99,7 +95,7 @@ pub async fn run(
     let state = web::Data::new(State {
         db: db.clone(),
         catalog: Catalog::default(),
-        auth: Authenticator::new(&config.vault_url, config.token.clone()),
+        auth: Authenticator::new(&config.vault_url, config.common.token.clone()),
         publisher: publisher.clone(),
         vault_url: config.vault_url.trim_end_matches('/').to_owned(),
         client: HttpClient::new(Duration::from_secs(5)),

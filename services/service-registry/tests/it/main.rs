@@ -1,5 +1,6 @@
 //! The service-registry as a process, with a real vault, on both backends.
 
 mod basics;
+mod client;
 mod flow;
 mod support;

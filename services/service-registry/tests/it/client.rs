@@ -1,0 +1,97 @@
+//! The registry client every service uses, against real registry processes.
+
+use std::time::Duration;
+
+use common::registration::{Registration, RegistryClient};
+use common::secret::Secret;
+use common::testing::{ServiceProcess, TestDb, VaultFixture};
+use serde_json::json;
+
+use crate::support::{BINARY, eventually};
+
+#[tokio::test]
+async fn the_client_registers_heartbeats_comes_back_after_a_registry_that_forgot_and_deregisters() {
+    let vault = VaultFixture::start().await;
+    vault
+        .create_credential("payments", "api-key", json!("k-1"))
+        .await;
+    let token = vault.issue("payments").await;
+    let port = testkit::free_port().unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let vault_url = vault.url();
+    let registry_env = |db: &TestDb| {
+        vec![
+            ("DATABASE_URL".to_owned(), db.url.expose().to_owned()),
+            ("VAULT_URL".to_owned(), vault_url.clone()),
+            ("HEARTBEAT_INTERVAL".to_owned(), "200ms".to_owned()),
+        ]
+    };
+    let spawn = |env: &Vec<(String, String)>| {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        ServiceProcess::spawn_at(BINARY, addr, &env)
+    };
+    let first_db = TestDb::sqlite();
+    let mut registry = spawn(&registry_env(&first_db));
+    registry.wait_healthy().await;
+
+    let client = RegistryClient::new(
+        &registry.url(""),
+        Secret::new(token.clone()),
+        Registration {
+            name: "payments".into(),
+            version: "2.0.0".into(),
+            address: "127.0.0.1".into(),
+            port: 9200,
+            health_endpoint: "/health".into(),
+            instance_id: "payments-a".into(),
+            credentials_needed: vec!["api-key".into()],
+            dependencies: vec![],
+            tags: vec![],
+            routes: vec![],
+        },
+    );
+    let mut credentials = client.credentials();
+    let heartbeats = client.start();
+    let http = common::client::HttpClient::new(Duration::from_secs(5));
+    let discover = |url: String| {
+        let (http, token) = (http.clone(), token.clone());
+        async move {
+            let request = http::Request::get(format!("{url}/api/discover?service=payments"))
+                .header("authorization", format!("Bearer {token}"))
+                .body(bytes::Bytes::new())
+                .unwrap();
+            http.send(request)
+                .await
+                .map(|r| r.status.as_u16())
+                .unwrap_or(0)
+        }
+    };
+    eventually(Duration::from_secs(5), "the first registration", || async {
+        discover(registry.url("")).await == 200
+    })
+    .await;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        credentials.wait_for(|c| c.get("api-key") == Some(&json!("k-1"))),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Heartbeats keep it healthy well past the TTL (600 ms).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(discover(registry.url("")).await, 200);
+
+    // The registry comes back on the same address with no memory of the instance.
+    registry.terminate();
+    let second_db = TestDb::sqlite();
+    let mut registry = spawn(&registry_env(&second_db));
+    registry.wait_healthy().await;
+    eventually(Duration::from_secs(10), "registering again", || async {
+        discover(registry.url("")).await == 200
+    })
+    .await;
+
+    heartbeats.abort();
+    client.deregister().await.unwrap();
+    assert_eq!(discover(registry.url("")).await, 404);
+}
