@@ -1230,7 +1230,10 @@ async fn verify_audit(vault: VaultData, ctx: RequestContext) -> Result<HttpRespo
     vault.authorize_admin(&ctx, "audit.verify", "audit").await?;
     let verification: Verification = vault
         .db
-        .run(crate::audit::verify)
+        .run({
+            let key = vault.hasher.clone();
+            move |conn| crate::audit::verify(conn, &key)
+        })
         .await
         .map_err(|e| ApiError::from_store(StoreError::Db(e), "audit"))?;
     Ok(HttpResponse::Ok().json(verification))

@@ -14,6 +14,7 @@ use diesel::prelude::*;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::crypto::AuditHasher;
 use crate::metrics::VaultMetrics;
 use crate::schema::audit_log;
 use crate::store::StoreError;
@@ -98,12 +99,14 @@ fn serialize_utc<S: serde::Serializer>(at: &NaiveDateTime, s: S) -> Result<S::Ok
     )
 }
 
-/// The chain link: SHA-256 over the previous hash and every field, each length-prefixed
-/// so that no two records share an encoding.
-pub fn chain_hash(record: &Record) -> String {
+/// The chain link: HMAC-SHA256, under the vault's audit key, over the previous hash and
+/// every field, each length-prefixed so that no two records share an encoding. Keyed, so
+/// that someone who can write the database but holds no master key cannot rewrite a
+/// record and recompute the links after it.
+pub fn chain_hash(key: &AuditHasher, record: &Record) -> String {
     let at = record.at.format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
     let seq = record.seq.to_string();
-    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut context = key.chain_context();
     for field in [
         record.prev_hash.as_str(),
         seq.as_str(),
@@ -118,7 +121,7 @@ pub fn chain_hash(record: &Record) -> String {
         context.update(&(field.len() as u64).to_be_bytes());
         context.update(field.as_bytes());
     }
-    crate::crypto::hex(context.finish().as_ref())
+    crate::crypto::hex(context.sign().as_ref())
 }
 
 /// The record could not be written: the request must fail with 503, its effect undone.
@@ -146,9 +149,9 @@ pub struct AuditLog {
 
 impl AuditLog {
     /// Starts the writer task on `db`.
-    pub fn start(db: Db, metrics: VaultMetrics) -> Self {
+    pub fn start(db: Db, metrics: VaultMetrics, key: AuditHasher) -> Self {
         let (jobs, queue) = mpsc::channel::<Job>(4 * MAX_BATCH);
-        tokio::spawn(writer(db, queue, metrics));
+        tokio::spawn(writer(db, queue, metrics, key));
         Self { jobs }
     }
 
@@ -201,7 +204,7 @@ impl AuditLog {
 /// The last record a writer knows to be committed: the next one links to it.
 type Head = Option<(i64, String)>;
 
-async fn writer(db: Db, mut queue: mpsc::Receiver<Job>, metrics: VaultMetrics) {
+async fn writer(db: Db, mut queue: mpsc::Receiver<Job>, metrics: VaultMetrics, key: AuditHasher) {
     let mut head: Head = None;
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
@@ -215,7 +218,10 @@ async fn writer(db: Db, mut queue: mpsc::Receiver<Job>, metrics: VaultMetrics) {
         let started = Instant::now();
         let known = head.take();
         let written = db
-            .run(move |conn| Ok(write_batch(conn, batch, known)))
+            .run({
+                let key = key.clone();
+                move |conn| Ok(write_batch(conn, &key, batch, known))
+            })
             .await;
         metrics.observe_audit_batch(size, started.elapsed());
         match written {
@@ -244,7 +250,7 @@ async fn writer(db: Db, mut queue: mpsc::Receiver<Job>, metrics: VaultMetrics) {
 }
 
 /// Links `entries` to `head`, each record's hash covering the one before.
-fn chain(entries: &[Entry], head: &(i64, String)) -> Vec<Record> {
+fn chain(key: &AuditHasher, entries: &[Entry], head: &(i64, String)) -> Vec<Record> {
     let (mut seq, mut prev_hash) = head.clone();
     entries
         .iter()
@@ -262,7 +268,7 @@ fn chain(entries: &[Entry], head: &(i64, String)) -> Vec<Record> {
                 prev_hash: std::mem::take(&mut prev_hash),
                 hash: String::new(),
             };
-            record.hash = chain_hash(&record);
+            record.hash = chain_hash(key, &record);
             prev_hash.clone_from(&record.hash);
             record
         })
@@ -300,6 +306,7 @@ fn is_seq_conflict(error: &DbError) -> bool {
 /// happened, so that every caller hears the outcome.
 fn write_batch(
     conn: &mut DbConnection,
+    key: &AuditHasher,
     batch: Vec<Job>,
     known: Head,
 ) -> (Vec<Deliver>, Result<(i64, String), DbError>) {
@@ -316,7 +323,7 @@ fn write_batch(
                 Job::Change(_) => None,
             })
             .unzip();
-        return (delivers, append_records(conn, &entries, known));
+        return (delivers, append_records(conn, key, &entries, known));
     }
     let mut delivers = Vec::with_capacity(batch.len());
     let result = conn.transaction(|conn| {
@@ -336,7 +343,7 @@ fn write_batch(
             delivers.push(deliver);
             entries.extend(entry);
         }
-        let records = chain(&entries, &head);
+        let records = chain(key, &entries, &head);
         insert(conn, &records)?;
         Ok::<_, DbError>(last_of(&records, head))
     });
@@ -350,6 +357,7 @@ fn write_batch(
 /// never slips between another writer's head read and its commit.
 fn append_records(
     conn: &mut DbConnection,
+    key: &AuditHasher,
     entries: &[Entry],
     known: Head,
 ) -> Result<(i64, String), DbError> {
@@ -358,7 +366,7 @@ fn append_records(
         None => head(conn)?,
     };
     for _ in 0..8 {
-        let records = chain(entries, &head);
+        let records = chain(key, entries, &head);
         match insert(conn, &records) {
             Ok(()) => return Ok(last_of(&records, head)),
             Err(error) if is_seq_conflict(&error) => head = self::head(conn)?,
@@ -412,7 +420,7 @@ pub struct Broken {
 }
 
 /// Walks the whole chain in order, page by page.
-pub fn verify(conn: &mut DbConnection) -> Result<Verification, DbError> {
+pub fn verify(conn: &mut DbConnection, key: &AuditHasher) -> Result<Verification, DbError> {
     const PAGE: i64 = 1000;
     let mut expected_seq = 1;
     let mut prev_hash = GENESIS.to_owned();
@@ -437,7 +445,7 @@ pub fn verify(conn: &mut DbConnection) -> Result<Verification, DbError> {
                     seq: record.seq,
                     reason: "prev_hash does not match the previous record",
                 })
-            } else if chain_hash(&record) != record.hash {
+            } else if chain_hash(key, &record) != record.hash {
                 Some(Broken {
                     seq: record.seq,
                     reason: "modified",

@@ -185,7 +185,7 @@ pub async fn run(
         event_metrics.clone(),
     )?;
     let vault = web::Data::new(Vault {
-        audit: AuditLog::start(db.clone(), metrics.clone()),
+        audit: AuditLog::start(db.clone(), metrics.clone(), hasher.clone()),
         db: db.clone(),
         keyring: config.keyring.clone(),
         signer,

@@ -123,6 +123,32 @@ both_backends!(
         assert_eq!(broken["first_broken"]["seq"], 3);
         assert_eq!(broken["first_broken"]["reason"], "modified");
 
+        // Rewriting a record and re-linking every record after it needs the audit key, which
+        // lives sealed under the master key: a guessed key does not pass.
+        let guess = credential_vault::crypto::AuditHasher::new(b"a guessed key");
+        db.run(move |conn| {
+            let mut records: Vec<credential_vault::audit::Record> = audit_log::table
+                .order(audit_log::seq.asc())
+                .select(credential_vault::audit::Record::as_select())
+                .load(conn)?;
+            for i in 2..records.len() {
+                records[i].prev_hash = records[i - 1].hash.clone();
+                records[i].hash = credential_vault::audit::chain_hash(&guess, &records[i]);
+                diesel::update(audit_log::table.filter(audit_log::seq.eq(records[i].seq)))
+                    .set((
+                        audit_log::prev_hash.eq(&records[i].prev_hash),
+                        audit_log::hash.eq(&records[i].hash),
+                    ))
+                    .execute(conn)?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let relinked = vault.get("/api/audit/verify", &admin).await.json();
+        assert_eq!(relinked["ok"], false);
+        assert_eq!(relinked["first_broken"]["seq"], 3);
+
         // The API shows what the database now says; then a record goes missing altogether.
         let original = vault
             .get("/api/audit?cursor=2&limit=1", &admin)
