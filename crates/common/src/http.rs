@@ -5,7 +5,7 @@
 use std::future::{Future, Ready, ready};
 use std::time::{Duration, Instant};
 
-use actix_web::body::MessageBody;
+use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::error::{JsonPayloadError, PathError, PayloadError, QueryPayloadError};
 use actix_web::http::StatusCode;
@@ -132,7 +132,7 @@ async fn observe(
     metrics: web::Data<HttpMetrics>,
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     let id = request_id(
         req.headers()
             .get(REQUEST_ID_HEADER)
@@ -160,12 +160,41 @@ async fn observe(
             "request served"
         );
     });
-    let mut res = result?;
+    let mut res = as_problem(result?);
     if let Ok(value) = HeaderValue::from_str(&id) {
         res.headers_mut()
             .insert(HeaderName::from_static(REQUEST_ID_HEADER), value);
     }
     Ok(res)
+}
+
+/// Errors that actix renders itself (a body over the limit read as bytes, a payload
+/// error) come as plain text; every error a client sees is problem+json instead.
+fn as_problem(res: ServiceResponse<impl MessageBody + 'static>) -> ServiceResponse<BoxBody> {
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.starts_with("application/problem+json") || v.starts_with("application/json")
+        });
+    if status.as_u16() < 400 || is_json {
+        return res.map_into_boxed_body();
+    }
+    let problem = match status.as_u16() {
+        413 => Problem::new("payload-too-large", 413, "Payload Too Large")
+            .with_detail("the request body is larger than this service accepts"),
+        404 => Problem::not_found("no such resource"),
+        405 => Problem::method_not_allowed(),
+        code => Problem::new(
+            &format!("http-{code}"),
+            code,
+            status.canonical_reason().unwrap_or("Error").to_owned(),
+        ),
+    };
+    let (req, _) = res.into_parts();
+    ServiceResponse::new(req, problem.error_response()).map_into_boxed_body()
 }
 
 async fn health() -> HttpResponse {

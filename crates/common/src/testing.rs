@@ -469,3 +469,66 @@ impl VaultFixture {
         created["id"].as_str().unwrap().to_owned()
     }
 }
+
+/// The service at `base` serves its OpenAPI document at `/api/openapi.json`, and every
+/// operation the document describes is a real route (not the "no route" 404, not a 405).
+/// Path parameters are filled with a UUID (`{id}`) or `payments` (any other name).
+pub async fn check_openapi_routes(base: &str, token: &str, expected_operations: usize) {
+    let client = crate::client::HttpClient::new(std::time::Duration::from_secs(10));
+    let send = |method: &str, path: &str, body: Option<serde_json::Value>| {
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(format!("{base}{path}"))
+            .header("authorization", format!("Bearer {token}"));
+        if body.is_some() {
+            request = request.header("content-type", "application/json");
+        }
+        let request = request
+            .body(bytes::Bytes::from(
+                body.map(|b| b.to_string()).unwrap_or_default(),
+            ))
+            .unwrap();
+        let client = client.clone();
+        async move { client.send(request).await.unwrap() }
+    };
+    let document = send("GET", "/api/openapi.json", None).await;
+    assert_eq!(document.status, 200);
+    let document = document.json();
+    assert!(document["openapi"].as_str().unwrap().starts_with("3."));
+    let mut operations = 0;
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for method in ["get", "post", "put", "delete", "patch"] {
+            let Some(operation) = item.get(method) else {
+                continue;
+            };
+            operations += 1;
+            assert!(
+                operation["responses"].is_object(),
+                "{method} {path} has no responses"
+            );
+            let mut concrete = String::new();
+            for segment in path.split('/') {
+                if !concrete.is_empty() || !segment.is_empty() {
+                    concrete.push('/');
+                }
+                concrete.push_str(match segment {
+                    "{id}" => "9b2e7a0c-5d1e-4f7a-8c3b-2a6d9e0f1b4c",
+                    s if s.starts_with('{') => "payments",
+                    s => s,
+                });
+            }
+            let body = matches!(method, "post" | "put").then(|| serde_json::json!({}));
+            let answer = send(&method.to_uppercase(), &concrete, body).await;
+            let unrouted = answer.status == 404
+                && answer.json()["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("no route"));
+            assert!(
+                !unrouted && answer.status != 405,
+                "{method} {path} is documented but not served ({})",
+                answer.status
+            );
+        }
+    }
+    assert_eq!(operations, expected_operations, "documented operations");
+}

@@ -321,7 +321,7 @@ async fn heartbeat(
     };
     let now = Utc::now();
     let (at, load, target) = (now.naive_utc(), beat.load, id.clone());
-    let revive = instance.health == HealthState::Offline;
+    let revive = instance.health == HealthState::Offline && state.take_expired(&id);
     let updated = state
         .db
         .run(move |conn| {
@@ -396,6 +396,7 @@ async fn set_health(
         )));
     };
     let reason = body.reason.chars().take(512).collect::<String>();
+    state.take_expired(&id);
     state.change_health(instance, body.state, reason).await?;
     Ok(HttpResponse::NoContent().finish())
 }
@@ -436,17 +437,20 @@ async fn delete_service(
         .run(move |conn| store::delete_service(conn, &target))
         .await
         .map_err(ApiError::from_db)?;
-    if removed.is_empty() && state.catalog.instances_of(service.as_str()).is_empty() {
+    let mut ids: std::collections::BTreeSet<String> = removed.into_iter().collect();
+    ids.extend(
+        state
+            .catalog
+            .instances_of(service.as_str())
+            .into_iter()
+            .map(|i| i.instance_id),
+    );
+    if ids.is_empty() {
         return Err(ApiError::NotFound(format!(
             "service {service} has no instances"
         )));
     }
-    for id in state
-        .catalog
-        .instances_of(service.as_str())
-        .iter()
-        .map(|i| i.instance_id.clone())
-    {
+    for id in ids {
         state.catalog.remove(&id);
         state
             .publish(Event::InstanceDeregistered {

@@ -102,6 +102,7 @@ pub async fn run(
         heartbeat_interval: config.heartbeat_interval,
         deregister_after: config.deregister_after,
         metrics: RegistryMetrics::new(&registry)?,
+        expired: std::sync::Mutex::default(),
     });
     state
         .reload()

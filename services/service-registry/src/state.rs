@@ -95,6 +95,10 @@ pub struct State {
     pub heartbeat_interval: Duration,
     pub deregister_after: Duration,
     pub metrics: RegistryMetrics,
+    /// Instances this registry marked offline for missing heartbeats: only these come
+    /// back with a heartbeat; an offline verdict of the health monitor stands until the
+    /// monitor changes it.
+    pub expired: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl State {
@@ -159,6 +163,14 @@ impl State {
             .cloned()
             .collect();
         (found, missing)
+    }
+
+    /// Whether a heartbeat may bring `id` back: it went offline for missing heartbeats.
+    pub fn take_expired(&self, id: &str) -> bool {
+        self.expired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
     }
 
     /// Moves an instance to `to` (database, catalog, event); nothing if it is there already.

@@ -430,6 +430,14 @@ async fn bad_input_gets_a_clear_problem() {
         .await
         .unwrap();
     assert_eq!(huge.status, 413);
+    assert_eq!(
+        huge.header("content-type"),
+        Some("application/problem+json")
+    );
+    assert_eq!(
+        huge.json()["type"],
+        "urn:concierge:problem:payload-too-large"
+    );
 }
 
 async fn two_registries(redis: Option<&str>) {

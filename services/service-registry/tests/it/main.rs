@@ -3,4 +3,5 @@
 mod basics;
 mod client;
 mod flow;
+mod openapi;
 mod support;
