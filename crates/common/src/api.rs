@@ -120,6 +120,12 @@ pub struct Instance {
     pub last_heartbeat_at: DateTime<Utc>,
     /// Since when `health` has held.
     pub health_since: DateTime<Utc>,
+    /// Set by an operator before maintenance: the instance takes no new traffic.
+    #[serde(default)]
+    pub draining: bool,
+    /// Changed state too often lately: held out of discovery until it settles.
+    #[serde(default)]
+    pub flapping: bool,
 }
 
 /// A credential's description, never its value.

@@ -35,6 +35,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
     config
         .service(resource("/api/services/register").route(web::post().to(register)))
         .service(resource("/api/services").route(web::get().to(list_services)))
+        .service(resource("/api/services/graph").route(web::get().to(graph)))
         .service(
             resource("/api/services/{name}")
                 .route(web::get().to(service_instances))
@@ -51,6 +52,10 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(
             resource("/api/services/{name}/instances/{id}/health").route(web::put().to(set_health)),
         )
+        .service(
+            resource("/api/services/{name}/instances/{id}/history").route(web::get().to(history)),
+        )
+        .service(resource("/api/services/{name}/instances/{id}/drain").route(web::put().to(drain)))
         .service(resource("/api/discover").route(web::get().to(discover)))
         .service(resource("/api/openapi.json").route(web::get().to(openapi)));
 }
@@ -246,11 +251,28 @@ async fn register(
         registered_at: existing.as_ref().map_or(now, |e| e.registered_at),
         last_heartbeat_at: now,
         health_since: now,
+        // An operator's drain and a flap hold survive a re-registration.
+        draining: existing.as_ref().is_some_and(|e| e.draining),
+        flapping: existing.as_ref().is_some_and(|e| e.flapping),
     };
     let row = store::InstanceRow::from_instance(&instance);
+    let previous = existing.as_ref().map(|e| e.health);
     state
         .db
-        .run(move |conn| store::upsert(conn, &row))
+        .run(move |conn| {
+            store::upsert(conn, &row)?;
+            store::record_transition(
+                conn,
+                &store::NewTransition {
+                    instance_id: &row.instance_id,
+                    service: &row.service,
+                    at: row.registered_at.max(row.last_heartbeat_at),
+                    from_state: previous.map(HealthState::as_str),
+                    to_state: HealthState::Healthy.as_str(),
+                    reason: "registered",
+                },
+            )
+        })
         .await
         .map_err(ApiError::from_db)?;
     state.metrics.registrations.inc();
@@ -618,4 +640,111 @@ async fn discover(
         "load": chosen.load,
         "instances": healthy,
     })))
+}
+
+async fn history(
+    state: StateData,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let claims = caller(&state, &req).await?;
+    require_any(&claims, &[DISCOVER_SCOPE, HEALTH_READ_SCOPE])?;
+    let (name, id) = path.into_inner();
+    let service = service_name(&name)?;
+    let target = id.clone();
+    let transitions = state
+        .db
+        .run(move |conn| store::history(conn, &target, 1000))
+        .await
+        .map_err(ApiError::from_db)?;
+    let transitions: Vec<_> = transitions
+        .into_iter()
+        .filter(|t| t.service == service.as_str())
+        .collect();
+    if transitions.is_empty() && state.catalog.get(&id).is_none() {
+        return Err(ApiError::NotFound(format!(
+            "instance {id} of {service} has no history"
+        )));
+    }
+    Ok(HttpResponse::Ok().json(json!({
+        "instance_id": id,
+        "service": service,
+        "transitions": transitions,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Drain {
+    draining: bool,
+}
+
+async fn drain(
+    state: StateData,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let claims = caller(&state, &req).await?;
+    let (name, id) = path.into_inner();
+    let service = service_name(&name)?;
+    require_owner(&claims, service.as_str())?;
+    let body: Drain = parse(&body)?;
+    let Some(mut instance) = state.catalog.get(&id).filter(|i| i.service == service) else {
+        return Err(ApiError::NotFound(format!(
+            "instance {id} of {service} is not registered"
+        )));
+    };
+    let target = id.clone();
+    state
+        .db
+        .run(move |conn| store::set_draining(conn, &target, body.draining))
+        .await
+        .map_err(ApiError::from_db)?;
+    instance.draining = body.draining;
+    state.catalog.upsert(instance.clone());
+    state
+        .publish(Event::InstanceUpdated {
+            instance: instance.clone(),
+        })
+        .await;
+    Ok(HttpResponse::Ok().json(instance))
+}
+
+/// The dependency graph the registrations declare.
+async fn graph(state: StateData, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let claims = caller(&state, &req).await?;
+    require_any(&claims, &[DISCOVER_SCOPE, HEALTH_READ_SCOPE])?;
+    let mut dependencies: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        std::collections::BTreeMap::new();
+    for instance in state.catalog.all() {
+        let entry = dependencies
+            .entry(instance.service.as_str().to_owned())
+            .or_default();
+        entry.extend(instance.dependencies.iter().map(|d| d.as_str().to_owned()));
+    }
+    let mut dependents: std::collections::BTreeMap<&str, Vec<&str>> =
+        std::collections::BTreeMap::new();
+    let mut edges = Vec::new();
+    for (service, needs) in &dependencies {
+        for needed in needs {
+            dependents
+                .entry(needed.as_str())
+                .or_default()
+                .push(service.as_str());
+            edges.push(json!({ "from": service, "to": needed }));
+        }
+    }
+    let services: Vec<_> = dependencies
+        .iter()
+        .map(|(service, needs)| {
+            json!({
+                "name": service,
+                "registered": true,
+                "dependencies": needs,
+                "dependents": dependents.get(service.as_str()).cloned().unwrap_or_default(),
+            })
+        })
+        .collect();
+    Ok(indexed(state.catalog.index()).json(json!({ "services": services, "edges": edges })))
 }

@@ -38,6 +38,7 @@ fn material(instance: &Instance) -> impl PartialEq + '_ {
             &instance.metadata,
             &instance.routes,
             &instance.dependencies,
+            (instance.draining, instance.flapping),
         ),
     )
 }
@@ -182,7 +183,7 @@ impl Catalog {
         let healthy: Vec<Instance> = self
             .instances_of(service)
             .into_iter()
-            .filter(|i| i.health == HealthState::Healthy)
+            .filter(|i| i.health == HealthState::Healthy && !i.draining && !i.flapping)
             .filter(|i| tag.is_none_or(|tag| i.tags.iter().any(|t| t == tag)))
             .collect();
         let load = |i: &Instance| i.load.map_or(0, |l| (l * 100.0).round() as i64);
@@ -234,6 +235,8 @@ mod tests {
             registered_at: now,
             last_heartbeat_at: now,
             health_since: now,
+            draining: false,
+            flapping: false,
         }
     }
 
@@ -269,6 +272,12 @@ mod tests {
         catalog.upsert(instance("idle-2", Some(0.1), HealthState::Healthy));
         catalog.upsert(instance("down", Some(0.0), HealthState::Offline));
         catalog.upsert(instance("sick", Some(0.0), HealthState::Degraded));
+        let mut draining = instance("draining", Some(0.0), HealthState::Healthy);
+        draining.draining = true;
+        catalog.upsert(draining);
+        let mut flapping = instance("flapping", Some(0.0), HealthState::Healthy);
+        flapping.flapping = true;
+        catalog.upsert(flapping);
         let picks: Vec<String> = (0..4)
             .map(|_| catalog.discover("payments", None).0.unwrap().instance_id)
             .collect();

@@ -48,6 +48,12 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// `DEREGISTER_AFTER`: how long an instance stays offline before it is removed.
     pub deregister_after: Duration,
+    /// `FLAP_THRESHOLD` and `FLAP_WINDOW`: more state changes than the threshold within the
+    /// window and an instance is flapping, held out of discovery until a quiet window.
+    pub flap_threshold: usize,
+    pub flap_window: Duration,
+    /// `HISTORY_RETENTION`: how long each instance's state changes are kept.
+    pub history_retention: Duration,
 }
 
 impl Config {
@@ -69,6 +75,9 @@ impl Config {
             vault_url,
             heartbeat_interval,
             deregister_after: env.duration_or("DEREGISTER_AFTER", Duration::from_secs(600))?,
+            flap_threshold: env.or("FLAP_THRESHOLD", 5usize)?,
+            flap_window: env.duration_or("FLAP_WINDOW", Duration::from_secs(300))?,
+            history_retention: env.duration_or("HISTORY_RETENTION", Duration::from_secs(86_400))?,
         })
     }
 }
@@ -103,6 +112,10 @@ pub async fn run(
         deregister_after: config.deregister_after,
         metrics: RegistryMetrics::new(&registry)?,
         expired: std::sync::Mutex::default(),
+        transitions: std::sync::Mutex::default(),
+        flap_threshold: config.flap_threshold,
+        flap_window: config.flap_window,
+        history_retention: config.history_retention,
     });
     state
         .reload()
@@ -138,9 +151,14 @@ pub async fn run(
     let sweep = tokio::spawn(async move {
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_prune = std::time::Instant::now();
         loop {
             ticker.tick().await;
             sweeper.sweep().await;
+            if last_prune.elapsed() > Duration::from_secs(60) {
+                sweeper.prune_history().await;
+                last_prune = std::time::Instant::now();
+            }
         }
     });
 

@@ -21,5 +21,18 @@ diesel::table! {
         registered_at -> Timestamp,
         last_heartbeat_at -> Timestamp,
         health_since -> Timestamp,
+        draining -> Bool,
+    }
+}
+
+diesel::table! {
+    health_history (id) {
+        id -> BigInt,
+        instance_id -> Text,
+        service -> Text,
+        at -> Timestamp,
+        from_state -> Nullable<Text>,
+        to_state -> Text,
+        reason -> Text,
     }
 }

@@ -29,6 +29,8 @@ pub struct RegistryMetrics {
     pub blocking_reads: IntGauge,
     /// Instances by service and state.
     pub instances: IntGaugeVec,
+    /// 1 while the registry refuses to evict because too many instances would expire.
+    pub self_preservation: IntGauge,
 }
 
 impl RegistryMetrics {
@@ -70,6 +72,13 @@ impl RegistryMetrics {
                     "Blocking reads waiting for a change.",
                 )?,
             )?,
+            self_preservation: register(
+                registry,
+                IntGauge::new(
+                    "concierge_registry_self_preservation",
+                    "1 while more than half of all instances would expire at once, so nothing is evicted.",
+                )?,
+            )?,
             instances: register(
                 registry,
                 IntGaugeVec::new(
@@ -99,6 +108,16 @@ pub struct State {
     /// back with a heartbeat; an offline verdict of the health monitor stands until the
     /// monitor changes it.
     pub expired: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Recent state changes per instance, for flap detection.
+    pub transitions: std::sync::Mutex<
+        std::collections::HashMap<String, std::collections::VecDeque<std::time::Instant>>,
+    >,
+    /// `FLAP_THRESHOLD`: more state changes than this within `flap_window` is flapping.
+    pub flap_threshold: usize,
+    /// `FLAP_WINDOW`.
+    pub flap_window: Duration,
+    /// `HISTORY_RETENTION`: how long state changes are kept.
+    pub history_retention: Duration,
 }
 
 impl State {
@@ -173,7 +192,8 @@ impl State {
             .remove(id)
     }
 
-    /// Moves an instance to `to` (database, catalog, event); nothing if it is there already.
+    /// Moves an instance to `to` (database with its history row, catalog, event);
+    /// nothing if it is there already.
     pub async fn change_health(
         &self,
         mut instance: Instance,
@@ -185,13 +205,33 @@ impl State {
             return Ok(());
         }
         let now = Utc::now();
-        let (id, at) = (instance.instance_id.clone(), now.naive_utc());
+        let (id, service, at) = (
+            instance.instance_id.clone(),
+            instance.service.as_str().to_owned(),
+            now.naive_utc(),
+        );
+        let why = reason.clone();
         self.db
-            .run(move |conn| store::set_health(conn, &id, to, at))
+            .run(move |conn| {
+                store::set_health(conn, &id, to, at)?;
+                store::record_transition(
+                    conn,
+                    &store::NewTransition {
+                        instance_id: &id,
+                        service: &service,
+                        at,
+                        from_state: Some(from.as_str()),
+                        to_state: to.as_str(),
+                        reason: &why,
+                    },
+                )
+            })
             .await
             .map_err(ApiError::from_db)?;
         instance.health = to;
         instance.health_since = now;
+        // Sticky: only a whole quiet window (settle_flapping) clears it.
+        instance.flapping = self.note_transition(&instance.instance_id) || instance.flapping;
         let (service, instance_id) = (instance.service.clone(), instance.instance_id.clone());
         self.catalog.upsert(instance);
         self.publish(Event::HealthChanged {
@@ -203,6 +243,49 @@ impl State {
         })
         .await;
         Ok(())
+    }
+
+    /// Counts a state change of `id` in the flap window; `true` if it now flaps.
+    pub fn note_transition(&self, id: &str) -> bool {
+        let mut transitions = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
+        let recent = transitions.entry(id.to_owned()).or_default();
+        recent.push_back(std::time::Instant::now());
+        while recent
+            .front()
+            .is_some_and(|at| at.elapsed() > self.flap_window)
+        {
+            recent.pop_front();
+        }
+        recent.len() > self.flap_threshold
+    }
+
+    /// Instances that flapped and have had no state change for a whole window settle.
+    fn settle_flapping(&self) {
+        let settled: Vec<String> = {
+            let mut transitions = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
+            for recent in transitions.values_mut() {
+                while recent
+                    .front()
+                    .is_some_and(|at| at.elapsed() > self.flap_window)
+                {
+                    recent.pop_front();
+                }
+            }
+            transitions.retain(|_, recent| !recent.is_empty());
+            self.catalog
+                .all()
+                .into_iter()
+                .filter(|i| i.flapping && !transitions.contains_key(&i.instance_id))
+                .map(|i| i.instance_id)
+                .collect()
+        };
+        for id in settled {
+            if let Some(mut instance) = self.catalog.get(&id) {
+                instance.flapping = false;
+                tracing::info!(instance_id = %id, "stopped flapping; back in discovery");
+                self.catalog.upsert(instance);
+            }
+        }
     }
 
     pub async fn remove(&self, service: &ServiceName, id: &str) -> Result<(), ApiError> {
@@ -235,33 +318,80 @@ impl State {
     }
 
     /// Heartbeats stopped for a TTL: offline. Offline for DEREGISTER_AFTER: removed.
+    /// When more than half of all instances would expire at once, the registry suspects
+    /// itself or its network rather than the fleet (Eureka's self-preservation): it logs,
+    /// raises a metric, and expires nothing.
     pub async fn sweep(&self) {
         let now = Utc::now();
         let ttl = chrono::Duration::from_std(self.ttl()).unwrap_or(chrono::Duration::MAX);
         let grace =
             chrono::Duration::from_std(self.deregister_after).unwrap_or(chrono::Duration::MAX);
-        for instance in self.catalog.all() {
-            let silent = now - instance.last_heartbeat_at;
-            if instance.health == HealthState::Offline {
-                if now - instance.health_since > grace && silent > ttl {
-                    let service = instance.service.clone();
-                    match self.remove(&service, &instance.instance_id).await {
-                        Ok(()) => self.metrics.deregistrations.inc(),
-                        Err(error) => tracing::warn!(%error, "cannot remove an expired instance"),
-                    }
-                }
-            } else if silent > ttl {
-                let reason = format!("no heartbeat for {}s", silent.num_seconds());
+        let all = self.catalog.all();
+        let (silent, rest): (Vec<Instance>, Vec<Instance>) = all
+            .into_iter()
+            .partition(|i| i.health != HealthState::Offline && now - i.last_heartbeat_at > ttl);
+        let total = silent.len() + rest.len();
+        let preserving = total >= 2 && silent.len() * 2 > total;
+        if preserving {
+            if self.metrics.self_preservation.get() == 0 {
+                tracing::warn!(
+                    expiring = silent.len(),
+                    total,
+                    "more than half of all instances would expire at once; suspecting the registry or its network and evicting nothing"
+                );
+            }
+            self.metrics.self_preservation.set(1);
+        } else {
+            self.metrics.self_preservation.set(0);
+            for instance in silent {
+                let reason = format!(
+                    "no heartbeat for {}s",
+                    (now - instance.last_heartbeat_at).num_seconds()
+                );
+                let id = instance.instance_id.clone();
                 match self
                     .change_health(instance, HealthState::Offline, reason)
                     .await
                 {
-                    Ok(()) => self.metrics.expiries.inc(),
+                    Ok(()) => {
+                        self.metrics.expiries.inc();
+                        self.expired
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(id);
+                    }
                     Err(error) => tracing::warn!(%error, "cannot mark an instance offline"),
                 }
             }
         }
+        for instance in rest {
+            let gone = instance.health == HealthState::Offline
+                && now - instance.health_since > grace
+                && now - instance.last_heartbeat_at > ttl;
+            if gone && !preserving {
+                let service = instance.service.clone();
+                match self.remove(&service, &instance.instance_id).await {
+                    Ok(()) => self.metrics.deregistrations.inc(),
+                    Err(error) => tracing::warn!(%error, "cannot remove an expired instance"),
+                }
+            }
+        }
+        self.settle_flapping();
         self.update_gauges();
+    }
+
+    /// Drops history older than the retention (called now and then by the sweeper).
+    pub async fn prune_history(&self) {
+        let before = (Utc::now()
+            - chrono::Duration::from_std(self.history_retention).unwrap_or(chrono::Duration::MAX))
+        .naive_utc();
+        if let Err(error) = self
+            .db
+            .run(move |conn| store::prune_history(conn, before))
+            .await
+        {
+            tracing::warn!(%error, "cannot prune the health history");
+        }
     }
 
     fn update_gauges(&self) {
@@ -297,6 +427,8 @@ impl State {
                 {
                     instance.health = to;
                     instance.health_since = Utc::now();
+                    instance.flapping =
+                        self.note_transition(&instance.instance_id) || instance.flapping;
                     self.catalog.upsert(instance);
                 }
             }

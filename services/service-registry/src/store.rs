@@ -5,7 +5,7 @@ use common::api::{HealthState, Instance, ServiceName};
 use common::db::{DbConnection, DbError};
 use diesel::prelude::*;
 
-use crate::schema::instances;
+use crate::schema::{health_history, instances};
 
 #[derive(Debug, Clone, PartialEq, Queryable, Selectable, Insertable, AsChangeset)]
 #[diesel(table_name = instances)]
@@ -26,6 +26,7 @@ pub struct InstanceRow {
     pub registered_at: NaiveDateTime,
     pub last_heartbeat_at: NaiveDateTime,
     pub health_since: NaiveDateTime,
+    pub draining: bool,
 }
 
 fn utc(at: NaiveDateTime) -> DateTime<Utc> {
@@ -59,6 +60,7 @@ impl InstanceRow {
             registered_at: instance.registered_at.naive_utc(),
             last_heartbeat_at: instance.last_heartbeat_at.naive_utc(),
             health_since: instance.health_since.naive_utc(),
+            draining: instance.draining,
         }
     }
 
@@ -78,6 +80,8 @@ impl InstanceRow {
                 registered_at: utc(self.registered_at),
                 last_heartbeat_at: utc(self.last_heartbeat_at),
                 health_since: utc(self.health_since),
+                draining: self.draining,
+                flapping: false,
                 instance_id: self.instance_id.clone(),
                 version: self.version.clone(),
                 address: self.address.clone(),
@@ -177,4 +181,80 @@ pub fn delete_service(conn: &mut DbConnection, service: &str) -> Result<Vec<Stri
         .load::<String>(conn)?;
     diesel::delete(instances::table.filter(instances::service.eq(service))).execute(conn)?;
     Ok(ids)
+}
+
+/// One state change of one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, serde::Serialize)]
+#[diesel(table_name = health_history)]
+pub struct Transition {
+    #[serde(skip)]
+    pub id: i64,
+    #[serde(skip)]
+    pub instance_id: String,
+    #[serde(skip)]
+    pub service: String,
+    #[serde(serialize_with = "serialize_utc")]
+    pub at: NaiveDateTime,
+    #[serde(rename = "from")]
+    pub from_state: Option<String>,
+    #[serde(rename = "to")]
+    pub to_state: String,
+    pub reason: String,
+}
+
+fn serialize_utc<S: serde::Serializer>(at: &NaiveDateTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(
+        &at.and_utc()
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+    )
+}
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = health_history)]
+pub struct NewTransition<'a> {
+    pub instance_id: &'a str,
+    pub service: &'a str,
+    pub at: NaiveDateTime,
+    pub from_state: Option<&'a str>,
+    pub to_state: &'a str,
+    pub reason: &'a str,
+}
+
+pub fn record_transition(
+    conn: &mut DbConnection,
+    transition: &NewTransition<'_>,
+) -> Result<(), DbError> {
+    diesel::insert_into(health_history::table)
+        .values(transition)
+        .execute(conn)?;
+    Ok(())
+}
+
+/// An instance's transitions, oldest first, at most the last `limit`.
+pub fn history(
+    conn: &mut DbConnection,
+    instance_id: &str,
+    limit: i64,
+) -> Result<Vec<Transition>, DbError> {
+    let mut newest: Vec<Transition> = health_history::table
+        .filter(health_history::instance_id.eq(instance_id))
+        .order((health_history::at.desc(), health_history::id.desc()))
+        .limit(limit)
+        .select(Transition::as_select())
+        .load(conn)?;
+    newest.reverse();
+    Ok(newest)
+}
+
+pub fn prune_history(conn: &mut DbConnection, before: NaiveDateTime) -> Result<usize, DbError> {
+    Ok(
+        diesel::delete(health_history::table.filter(health_history::at.lt(before)))
+            .execute(conn)?,
+    )
+}
+
+pub fn set_draining(conn: &mut DbConnection, id: &str, draining: bool) -> Result<usize, DbError> {
+    Ok(diesel::update(instances::table.find(id))
+        .set(instances::draining.eq(draining))
+        .execute(conn)?)
 }

@@ -502,3 +502,66 @@ async fn two_registries_over_one_postgres_agree_with_redis() {
     let redis = common::testing::redis_url();
     two_registries(Some(&redis)).await;
 }
+
+#[tokio::test]
+async fn a_heartbeat_revives_what_missed_heartbeats_but_not_the_monitors_verdict() {
+    let vault = VaultFixture::start().await;
+    let payments = vault.issue("payments").await;
+    let monitor = vault.token("health-monitor").to_owned();
+    let db = TestDb::sqlite();
+    let registry = Registry::start(&vault, &db.url, &[("DEREGISTER_AFTER", "60s")]).await;
+    assert_eq!(
+        registry
+            .register(&payments, registration("p-1"))
+            .await
+            .status,
+        201
+    );
+    eventually(Duration::from_secs(5), "going offline", || async {
+        registry
+            .get("/api/discover?service=payments", &payments)
+            .await
+            .status
+            == 503
+    })
+    .await;
+    let beat = registry
+        .call(
+            "PUT",
+            "/api/services/payments/instances/p-1/heartbeat",
+            Some(&payments),
+            None,
+        )
+        .await;
+    assert_eq!(beat.json()["health"], "healthy");
+    assert_eq!(
+        registry
+            .get("/api/discover?service=payments", &payments)
+            .await
+            .status,
+        200
+    );
+
+    let set = registry
+        .call(
+            "PUT",
+            "/api/services/payments/instances/p-1/health",
+            Some(&monitor),
+            Some(json!({"state": "offline", "reason": "connect"})),
+        )
+        .await;
+    assert_eq!(set.status, 204);
+    let beat = registry
+        .call(
+            "PUT",
+            "/api/services/payments/instances/p-1/heartbeat",
+            Some(&payments),
+            None,
+        )
+        .await;
+    assert_eq!(
+        beat.json()["health"],
+        "offline",
+        "the monitor's verdict stands"
+    );
+}

@@ -2,6 +2,7 @@
 
 mod basics;
 mod client;
+mod extras;
 mod flow;
 mod openapi;
 mod support;

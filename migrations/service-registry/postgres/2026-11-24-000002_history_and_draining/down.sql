@@ -1,0 +1,2 @@
+DROP TABLE health_history;
+ALTER TABLE instances DROP COLUMN draining;
