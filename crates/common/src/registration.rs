@@ -84,6 +84,16 @@ impl RegistryClient {
         })
     }
 
+    /// Whether `service`'s credential `name` is one this instance needs.
+    pub fn wants(&self, service: &str, name: &str) -> bool {
+        self.registration.name == service
+            && self
+                .registration
+                .credentials_needed
+                .iter()
+                .any(|n| n == name)
+    }
+
     pub fn instance_id(&self) -> &str {
         &self.registration.instance_id
     }

@@ -372,6 +372,11 @@ pub struct VaultFixture {
 
 impl VaultFixture {
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// With extra environment for the vault process (e.g. `REDIS_URL`).
+    pub async fn start_with(extra: &[(&str, &str)]) -> Self {
         let binary = workspace_binary("credential-vault");
         let binary = binary.to_str().unwrap();
         let db = TestDb::sqlite();
@@ -408,6 +413,8 @@ impl VaultFixture {
                 std::fs::read_to_string(entry.path()).unwrap(),
             );
         }
+        let mut env = env.to_vec();
+        env.extend_from_slice(extra);
         let mut process = ServiceProcess::spawn(binary, &env);
         process.wait_healthy().await;
         Self {
@@ -451,6 +458,19 @@ impl VaultFixture {
             .admin_post("/api/tokens", serde_json::json!({ "service": service }))
             .await;
         issued["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Rotates a credential to `value`.
+    pub async fn rotate(&self, id: &str, value: serde_json::Value) {
+        let request = http::Request::put(self.process.url(&format!("/api/credentials/{id}")))
+            .header("authorization", format!("Bearer {}", self.token("admin")))
+            .header("content-type", "application/json")
+            .body(bytes::Bytes::from(
+                serde_json::json!({ "value": value }).to_string(),
+            ))
+            .unwrap();
+        let answer = self.client.send(request).await.unwrap();
+        assert_eq!(answer.status, 200, "rotate: {:?}", answer.json());
     }
 
     /// Creates a credential and returns its id.

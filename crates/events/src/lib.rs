@@ -408,6 +408,35 @@ fn backoff(failures: u32) -> Duration {
     capped.mul_f64(0.8 + fastrand::f64() * 0.4)
 }
 
+/// Keeps a registered instance's credentials fresh: whenever the vault announces a
+/// rotation of one of them, the client registers again and so receives the new value.
+/// Reconciliation (every resync) registers again too, in case an event was lost.
+pub fn refresh_credentials_on_rotation(
+    client: std::sync::Arc<common::registration::RegistryClient>,
+    redis_url: Option<&RedisUrl>,
+    resync_interval: Duration,
+    metrics: EventMetrics,
+) -> Result<JoinHandle<()>, EventsError> {
+    let mut subscription = subscribe(redis_url, &[Channel::Vault], resync_interval, metrics)?;
+    Ok(tokio::spawn(async move {
+        while let Some(signal) = subscription.next().await {
+            let rotated = match &signal {
+                Signal::Event(envelope) => match &envelope.event {
+                    Event::CredentialRotated { service, name, .. } => {
+                        client.wants(service.as_str(), name)
+                    }
+                    _ => false,
+                },
+                // At start the client registers by itself; later resyncs catch lost events.
+                Signal::Resync(reason) => *reason == ResyncReason::Interval,
+            };
+            if rotated && let Err(error) = client.register().await {
+                tracing::warn!(%error, "cannot refresh credentials; will retry on the next resync");
+            }
+        }
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

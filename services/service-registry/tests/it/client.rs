@@ -95,3 +95,60 @@ async fn the_client_registers_heartbeats_comes_back_after_a_registry_that_forgot
     client.deregister().await.unwrap();
     assert_eq!(discover(registry.url("")).await, 404);
 }
+
+#[tokio::test]
+async fn a_rotated_credential_reaches_the_client_through_its_event() {
+    let redis = common::testing::redis_url();
+    let vault = VaultFixture::start_with(&[("REDIS_URL", &redis)]).await;
+    let id = vault
+        .create_credential("payments", "api-key", json!("old-key"))
+        .await;
+    let token = vault.issue("payments").await;
+    let db = TestDb::sqlite();
+    let registry =
+        crate::support::Registry::start(&vault, &db.url, &[("HEARTBEAT_INTERVAL", "30s")]).await;
+    let client = RegistryClient::new(
+        &registry.process.url(""),
+        Secret::new(token),
+        Registration {
+            name: "payments".into(),
+            version: "1".into(),
+            address: "127.0.0.1".into(),
+            port: 9400,
+            health_endpoint: "/health".into(),
+            instance_id: "payments-r".into(),
+            credentials_needed: vec!["api-key".into()],
+            dependencies: vec![],
+            tags: vec![],
+            routes: vec![],
+        },
+    );
+    let url = common::config::RedisUrl::parse(Secret::new(redis)).unwrap();
+    let metrics = events::EventMetrics::new(&prometheus::Registry::new()).unwrap();
+    let _refresh = events::refresh_credentials_on_rotation(
+        client.clone(),
+        Some(&url),
+        Duration::from_secs(60),
+        metrics,
+    )
+    .unwrap();
+    let _heartbeats = client.start();
+    let mut credentials = client.credentials();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        credentials.wait_for(|c| c.get("api-key") == Some(&json!("old-key"))),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Give the subscriber a moment to be subscribed, then rotate.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    vault.rotate(&id, json!("new-key")).await;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        credentials.wait_for(|c| c.get("api-key") == Some(&json!("new-key"))),
+    )
+    .await
+    .expect("the rotation did not reach the client")
+    .unwrap();
+}
