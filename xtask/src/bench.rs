@@ -10,11 +10,12 @@ use testkit::PgCluster;
 
 use crate::{cargo, http, install, repo_root};
 
-const USAGE: &str = "usage: cargo xtask bench vault [--seconds N] [--connections N]";
+const USAGE: &str = "usage: cargo xtask bench vault|registry [--seconds N] [--connections N]";
 
 pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("vault") => vault(&Options::parse(&args[1..])?),
+        Some("registry") => registry(&Options::parse(&args[1..])?),
         _ => bail!("{USAGE}"),
     }
 }
@@ -158,6 +159,72 @@ fn json_field(body: &str, field: &str) -> Result<String> {
         .with_context(|| format!("the answer has no {field}"))
 }
 
+/// An initialized vault (release build) on `database_url`; its guard, port and token folder.
+fn start_vault(
+    binary: &Path,
+    database_url: &str,
+    work: &Path,
+    extra: &[(&str, &str)],
+) -> Result<(Guard, u16, PathBuf)> {
+    let master_key = work.join("master-key");
+    run_ok(
+        Command::new(binary)
+            .arg("generate-master-key")
+            .arg("--out")
+            .arg(&master_key),
+    )?;
+    let tokens = work.join("tokens");
+    run_ok(
+        Command::new(binary)
+            .arg("init")
+            .arg("--out")
+            .arg(&tokens)
+            .env("DATABASE_URL", database_url)
+            .env("VAULT_MASTER_KEY_FILE", &master_key),
+    )?;
+    let port = testkit::free_port()?;
+    let vault = spawn_service(
+        binary,
+        port,
+        &[
+            ("DATABASE_URL", database_url),
+            (
+                "VAULT_MASTER_KEY_FILE",
+                master_key.to_str().unwrap_or_default(),
+            ),
+        ],
+        extra,
+    )?;
+    Ok((vault, port, tokens))
+}
+
+/// Starts a service binary on `port` and waits for `/ready`.
+fn spawn_service(
+    binary: &Path,
+    port: u16,
+    env: &[(&str, &str)],
+    extra: &[(&str, &str)],
+) -> Result<Guard> {
+    let guard = Guard(
+        Command::new(binary)
+            .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .envs(extra.iter().copied())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?,
+    );
+    let started = Instant::now();
+    while http::status(port, "/ready") != Some(200) {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("{} did not become ready", binary.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(guard)
+}
+
 /// The vault's audited reads beside pgbench's single-row inserts, on one durable PostgreSQL.
 fn vault(options: &Options) -> Result<()> {
     install::ensure("the vault benchmark", &[("wrk", install::on_path("wrk"))])?;
@@ -166,42 +233,13 @@ fn vault(options: &Options) -> Result<()> {
     psql(&postgres, "postgres", "CREATE DATABASE vault")?;
     psql(&postgres, "postgres", "CREATE DATABASE inserts")?;
     let work = testkit::TempDir::new("concierge-bench")?;
-    let master_key = work.path().join("master-key");
-    run_ok(
-        Command::new(&binary)
-            .arg("generate-master-key")
-            .arg("--out")
-            .arg(&master_key),
-    )?;
     let database_url = postgres.url("vault");
-    let tokens = work.path().join("tokens");
-    run_ok(
-        Command::new(&binary)
-            .arg("init")
-            .arg("--out")
-            .arg(&tokens)
-            .env("DATABASE_URL", &database_url)
-            .env("VAULT_MASTER_KEY_FILE", &master_key),
+    let (_vault, port, tokens) = start_vault(
+        &binary,
+        &database_url,
+        work.path(),
+        &[("DB_POOL_SIZE", "16")],
     )?;
-    let port = testkit::free_port()?;
-    let _vault = Guard(
-        Command::new(&binary)
-            .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
-            .env("DATABASE_URL", &database_url)
-            .env("VAULT_MASTER_KEY_FILE", &master_key)
-            .env("DB_POOL_SIZE", "16")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .context("cannot start the vault")?,
-    );
-    let started = Instant::now();
-    while http::status(port, "/ready") != Some(200) {
-        if started.elapsed() > Duration::from_secs(30) {
-            bail!("the vault did not become ready");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 
     let admin = std::fs::read_to_string(tokens.join("admin-token"))?;
     let admin_header = format!("Bearer {admin}");
@@ -305,4 +343,212 @@ fn pgbench_inserts(postgres: &PgCluster, options: &Options) -> Result<f64> {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("pgbench printed no tps:\n{out}"))
+}
+
+/// Discovery beside nginx serving the same body as a file, then how fast a registration
+/// reaches an event subscriber and a second registry.
+fn registry(options: &Options) -> Result<()> {
+    install::ensure(
+        "the registry benchmark",
+        &[
+            ("wrk", install::on_path("wrk")),
+            ("nginx", Path::new("/usr/sbin/nginx").exists()),
+        ],
+    )?;
+    let vault_binary = release_binary("credential-vault")?;
+    let registry_binary = release_binary("service-registry")?;
+    let postgres = PgCluster::start().context("cannot start PostgreSQL")?;
+    psql(&postgres, "postgres", "CREATE DATABASE vault")?;
+    psql(&postgres, "postgres", "CREATE DATABASE registry")?;
+    let redis = testkit::RedisServer::start().context("cannot start Redis")?;
+    let work = testkit::TempDir::new("concierge-bench")?;
+    let (_vault, vault_port, tokens) =
+        start_vault(&vault_binary, &postgres.url("vault"), work.path(), &[])?;
+    let admin = std::fs::read_to_string(tokens.join("admin-token"))?;
+    let admin_header = format!("Bearer {admin}");
+    let vault_url = format!("http://127.0.0.1:{vault_port}");
+    let registry_db = postgres.url("registry");
+    let registry_env = [
+        ("DATABASE_URL", registry_db.as_str()),
+        ("VAULT_URL", vault_url.as_str()),
+        ("HEARTBEAT_INTERVAL", "300s"),
+        ("HTTP_WORKERS", "2"),
+    ];
+    let redis_url = redis.url();
+    let with_redis = [
+        ("REDIS_URL", redis_url.as_str()),
+        ("RESYNC_INTERVAL", "60s"),
+    ];
+    let (port_a, port_b) = (testkit::free_port()?, testkit::free_port()?);
+    let _a = spawn_service(&registry_binary, port_a, &registry_env, &with_redis)?;
+    let _b = spawn_service(&registry_binary, port_b, &registry_env, &with_redis)?;
+
+    println!("registry bench: registering 200 services x 5 instances");
+    for service in 0..200 {
+        for instance in 0..5 {
+            let body = format!(
+                r#"{{"name":"svc-{service:03}","address":"10.0.{service}.{instance}","port":8000,"health_endpoint":"/health","instance_id":"svc-{service:03}-{instance}","version":"1.0.0","tags":["blue"]}}"#
+            );
+            let (status, answer) = http::request(
+                port_a,
+                "POST",
+                "/api/services/register",
+                &[("Authorization", &admin_header)],
+                Some(&body),
+            )?;
+            if status != 201 {
+                bail!("registration failed: {status} {answer}");
+            }
+        }
+    }
+
+    // The same body, served by nginx from a file.
+    let path = "/api/discover?service=svc-042";
+    let (status, body) = http::request(
+        port_a,
+        "GET",
+        path,
+        &[("Authorization", &admin_header)],
+        None,
+    )?;
+    if status != 200 {
+        bail!("discovery failed: {status} {body}");
+    }
+    let root = work.path().join("www");
+    std::fs::create_dir_all(&root)?;
+    std::fs::write(root.join("discover.json"), &body)?;
+    let nginx_port = testkit::free_port()?;
+    let conf = work.path().join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 2;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\nevents {{ worker_connections 4096; }}\n\
+             http {{ access_log off; keepalive_requests 1000000; default_type application/json;\n\
+             client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};\n\
+             server {{ listen 127.0.0.1:{nginx_port}; root {root}; location / {{ try_files /discover.json =404; }} }} }}\n",
+            dir = work.path().display(),
+            root = root.display(),
+        ),
+    )?;
+    let _nginx = Guard(
+        Command::new("/usr/sbin/nginx")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start nginx")?,
+    );
+    testkit::wait_for_port(nginx_port, Duration::from_secs(10))?;
+
+    let auth = vec![format!("Authorization: {admin_header}")];
+    let registry_url = format!("http://127.0.0.1:{port_a}{path}");
+    let nginx_url = format!("http://127.0.0.1:{nginx_port}{path}");
+    wrk(&registry_url, 64, 2, &auth)?;
+    let discover = wrk(&registry_url, 64, options.seconds, &auth)?;
+    wrk(&nginx_url, 64, 2, &[])?;
+    let file = wrk(&nginx_url, 64, options.seconds, &[])?;
+    println!(
+        "registry bench: 64 connections, {} s each, body {} bytes, registry and nginx with 2 workers each, 2 cores shared",
+        options.seconds,
+        body.len()
+    );
+    println!(
+        "registry GET /api/discover:  {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+        discover.requests_per_second, discover.p50_ms, discover.p99_ms, discover.errors
+    );
+    println!(
+        "nginx static file:           {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+        file.requests_per_second, file.p50_ms, file.p99_ms, file.errors
+    );
+    println!(
+        "ratio registry ÷ nginx:      {:.2} (target ≥ 0.8)",
+        discover.requests_per_second / file.requests_per_second
+    );
+
+    propagation(port_a, port_b, &admin_header, redis.port())
+}
+
+/// Registers 100 instances one by one through registry A and times, from each 201, the
+/// event at a Redis subscriber and the change showing in registry B.
+fn propagation(port_a: u16, port_b: u16, admin_header: &str, redis_port: u16) -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+
+    let mut subscriber = std::net::TcpStream::connect(("127.0.0.1", redis_port))?;
+    subscriber.write_all(b"SUBSCRIBE concierge:registry\r\n")?;
+    let (arrivals_tx, arrivals) = std::sync::mpsc::channel::<(String, Instant)>();
+    let reader = BufReader::new(subscriber.try_clone()?);
+    std::thread::spawn(move || {
+        for line in reader.lines().map_while(Result::ok) {
+            if let Some(at) = line.find("\"instance_id\":\"prop-") {
+                let rest = &line[at + 15..];
+                let id: String = rest.chars().take_while(|c| *c != '"').collect();
+                let _ = arrivals_tx.send((id, Instant::now()));
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+
+    let (mut to_event, mut to_peer) = (Vec::new(), Vec::new());
+    for i in 0..100 {
+        let id = format!("prop-{i}");
+        let body = format!(
+            r#"{{"name":"propagation","address":"10.9.0.1","port":{},"health_endpoint":"/health","instance_id":"{id}"}}"#,
+            1000 + i
+        );
+        let (status, answer) = http::request(
+            port_a,
+            "POST",
+            "/api/services/register",
+            &[("Authorization", admin_header)],
+            Some(&body),
+        )?;
+        let registered = Instant::now();
+        if status != 201 {
+            bail!("registration failed: {status} {answer}");
+        }
+        loop {
+            let (got, at) = arrivals
+                .recv_timeout(Duration::from_secs(5))
+                .context("no event arrived")?;
+            if got == id {
+                to_event.push(at.saturating_duration_since(registered));
+                break;
+            }
+        }
+        loop {
+            let (status, text) = http::request(
+                port_b,
+                "GET",
+                "/api/services/propagation",
+                &[("Authorization", admin_header)],
+                None,
+            )?;
+            if status == 200 && text.contains(&format!("\"{id}\"")) {
+                to_peer.push(registered.elapsed());
+                break;
+            }
+            if registered.elapsed() > Duration::from_secs(5) {
+                bail!("registry B never showed {id}");
+            }
+        }
+    }
+    let percentile = |samples: &mut Vec<Duration>, p: f64| -> f64 {
+        samples.sort();
+        let index = ((samples.len() as f64 - 1.0) * p).round() as usize;
+        samples
+            .get(index)
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    };
+    println!(
+        "registration 201 → event at a subscriber:     p50 {:.2} ms, p99 {:.2} ms (100 registrations)",
+        percentile(&mut to_event, 0.5),
+        percentile(&mut to_event, 0.99)
+    );
+    println!(
+        "registration 201 → visible in a 2nd registry: p50 {:.2} ms, p99 {:.2} ms (with Redis; polled)",
+        percentile(&mut to_peer, 0.5),
+        percentile(&mut to_peer, 0.99)
+    );
+    Ok(())
 }

@@ -20,6 +20,7 @@ commands:
   up                 build and run the four services locally (SQLite under ./.data, no Redis)
   test [ARGS...]     start PostgreSQL and Redis, run the workspace tests (ARGS go to nextest)
   bench vault        the vault's reads beside pgbench's inserts on one PostgreSQL server
+  bench registry     discovery beside nginx serving the same body; event propagation times
 ";
 
 fn main() -> ExitCode {

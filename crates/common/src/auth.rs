@@ -328,6 +328,41 @@ impl JwksVerifier {
     }
 }
 
+/// Tokens whose signature checked out, so that a token is verified once, not per request.
+/// Expiry and revocation are still checked on every request.
+#[derive(Default)]
+pub struct VerifiedTokens {
+    entries: RwLock<HashMap<String, Claims>>,
+}
+
+impl std::fmt::Debug for VerifiedTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The keys are bearer tokens: count them, never print them.
+        let count = self.entries.read().map_or(0, |e| e.len());
+        f.debug_struct("VerifiedTokens")
+            .field("count", &count)
+            .finish()
+    }
+}
+
+impl VerifiedTokens {
+    pub fn get(&self, token: &str) -> Option<Claims> {
+        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        entries.get(token).cloned()
+    }
+
+    pub fn put(&self, token: &str, claims: Claims) {
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= VERIFIED_CAPACITY {
+            entries.clear();
+        }
+        entries.insert(token.to_owned(), claims);
+    }
+}
+
+/// Tokens kept at most; past that the cache starts over (cheap, and rare).
+const VERIFIED_CAPACITY: usize = 10_000;
+
 /// Why a request has no usable identity, as a service other than the vault sees it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -363,6 +398,7 @@ pub fn bearer(header: Option<&[u8]>) -> Result<&str, AuthError> {
 pub struct Authenticator {
     verifier: JwksVerifier,
     revoked: RwLock<std::collections::HashSet<String>>,
+    verified: VerifiedTokens,
     vault_url: String,
     client: HttpClient,
     own_token: Option<Secret<String>>,
@@ -381,6 +417,7 @@ impl Authenticator {
                 Duration::from_secs(5),
             ),
             revoked: RwLock::new(std::collections::HashSet::new()),
+            verified: VerifiedTokens::default(),
             vault_url,
             client,
             own_token,
@@ -390,10 +427,18 @@ impl Authenticator {
     /// The claims of the `Authorization` header's token.
     pub async fn authenticate(&self, header: Option<&[u8]>) -> Result<Claims, AuthError> {
         let token = bearer(header)?;
-        let claims = self.verifier.verify(token).await.map_err(|e| match e {
-            VerifyError::Token(token) => AuthError::Invalid(token),
-            VerifyError::KeysUnavailable(_) => AuthError::KeysUnavailable,
-        })?;
+        let cached = self.verified.get(token).filter(|c| c.exp > now_unix());
+        let claims = match cached {
+            Some(claims) => claims,
+            None => {
+                let claims = self.verifier.verify(token).await.map_err(|e| match e {
+                    VerifyError::Token(token) => AuthError::Invalid(token),
+                    VerifyError::KeysUnavailable(_) => AuthError::KeysUnavailable,
+                })?;
+                self.verified.put(token, claims.clone());
+                claims
+            }
+        };
         let revoked = match self.revoked.read() {
             Ok(set) => set.contains(&claims.jti),
             Err(poisoned) => poisoned.into_inner().contains(&claims.jti),

@@ -35,7 +35,7 @@ use events::{EventMetrics, Publisher, Signal};
 use crate::audit::AuditLog;
 use crate::crypto::{AuditHasher, Keyring, MasterKey};
 use crate::metrics::VaultMetrics;
-use crate::vault::{AUDIT_KEY_NAME, SIGNING_PURPOSE, SnapshotCache, Vault, VerifiedTokens};
+use crate::vault::{AUDIT_KEY_NAME, SIGNING_PURPOSE, SnapshotCache, Vault};
 
 pub const NAME: &str = common::api::services::CREDENTIAL_VAULT;
 pub const DEFAULT_PORT: u16 = 8081;
@@ -198,7 +198,7 @@ pub async fn run(
         default_grace: config.default_grace,
         max_token_ttl: config.max_token_ttl,
         snapshots: SnapshotCache::new(config.cache_ttl),
-        verified: VerifiedTokens::default(),
+        verified: common::auth::VerifiedTokens::default(),
     });
     vault
         .reload_revoked()

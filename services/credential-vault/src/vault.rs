@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use common::auth::{Claims, Jwks, KeySet, SigningKey, now_unix};
+use common::auth::{Claims, Jwks, KeySet, SigningKey, VerifiedTokens, now_unix};
 use common::db::{Db, DbConnection};
 use common::secret::Secret;
 use events::Publisher;
@@ -149,38 +149,6 @@ impl SnapshotCache {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-    }
-}
-
-/// Tokens whose signature checked out, so that a token is verified once, not per request.
-/// Expiry and revocation are still checked on every request.
-#[derive(Default)]
-pub struct VerifiedTokens {
-    entries: RwLock<HashMap<String, Claims>>,
-}
-
-impl std::fmt::Debug for VerifiedTokens {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The keys are bearer tokens: count them, never print them.
-        let count = self.entries.read().map_or(0, |e| e.len());
-        f.debug_struct("VerifiedTokens")
-            .field("count", &count)
-            .finish()
-    }
-}
-
-impl VerifiedTokens {
-    fn get(&self, token: &str) -> Option<Claims> {
-        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
-        entries.get(token).cloned()
-    }
-
-    fn put(&self, token: &str, claims: Claims) {
-        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
-        if entries.len() >= CACHE_CAPACITY {
-            entries.clear();
-        }
-        entries.insert(token.to_owned(), claims);
     }
 }
 

@@ -4,7 +4,7 @@
 //! The index moves on changes a client would act on (registrations, removals, state,
 //! address, metadata, load in tenths), not on a heartbeat that only refreshes a time.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -12,9 +12,55 @@ use common::api::{HealthState, Instance};
 use serde::Serialize;
 use tokio::sync::watch;
 
+/// Instances by id, and the ids of each service, so that a service's instances are found
+/// without looking at the others.
+#[derive(Debug, Default)]
+struct State {
+    by_id: HashMap<String, Instance>,
+    by_service: HashMap<String, BTreeSet<String>>,
+}
+
+impl State {
+    fn insert(&mut self, instance: Instance) -> Option<Instance> {
+        let id = instance.instance_id.clone();
+        let service = instance.service.as_str().to_owned();
+        let previous = self.by_id.insert(id.clone(), instance);
+        if let Some(previous) = &previous
+            && previous.service.as_str() != service
+        {
+            self.unlink(previous.service.as_str(), &id);
+        }
+        self.by_service.entry(service).or_default().insert(id);
+        previous
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Instance> {
+        let removed = self.by_id.remove(id)?;
+        self.unlink(removed.service.as_str(), id);
+        Some(removed)
+    }
+
+    fn unlink(&mut self, service: &str, id: &str) {
+        if let Some(ids) = self.by_service.get_mut(service) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_service.remove(service);
+            }
+        }
+    }
+
+    fn of(&self, service: &str) -> impl Iterator<Item = &Instance> {
+        self.by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.by_id.get(id))
+    }
+}
+
 #[derive(Debug)]
 pub struct Catalog {
-    state: RwLock<HashMap<String, Instance>>,
+    state: RwLock<State>,
     index: watch::Sender<u64>,
     /// Round-robin position per service, for discovery among equals.
     turns: RwLock<HashMap<String, AtomicUsize>>,
@@ -64,7 +110,7 @@ impl Counts {
 impl Default for Catalog {
     fn default() -> Self {
         Self {
-            state: RwLock::new(HashMap::new()),
+            state: RwLock::new(State::default()),
             index: watch::Sender::new(1),
             turns: RwLock::new(HashMap::new()),
         }
@@ -72,11 +118,11 @@ impl Default for Catalog {
 }
 
 impl Catalog {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Instance>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Instance>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -95,9 +141,7 @@ impl Catalog {
     /// Adds or replaces an instance; `Some(previous)` if it existed. Moves the index only
     /// on a material change.
     pub fn upsert(&self, instance: Instance) -> Option<Instance> {
-        let previous = self
-            .write()
-            .insert(instance.instance_id.clone(), instance.clone());
+        let previous = self.write().insert(instance.clone());
         if previous
             .as_ref()
             .is_none_or(|p| material(p) != material(&instance))
@@ -116,22 +160,24 @@ impl Catalog {
     }
 
     pub fn get(&self, id: &str) -> Option<Instance> {
-        self.read().get(id).cloned()
+        self.read().by_id.get(id).cloned()
     }
 
     /// Replaces everything with the database's view (reconciliation).
     pub fn replace_all(&self, instances: Vec<Instance>) {
-        let fresh: HashMap<String, Instance> = instances
-            .into_iter()
-            .map(|i| (i.instance_id.clone(), i))
-            .collect();
         let mut state = self.write();
-        let changed = state.len() != fresh.len()
-            || fresh.iter().any(|(id, instance)| {
-                state
-                    .get(id)
-                    .is_none_or(|old| material(old) != material(instance))
-            });
+        let mut fresh = State::default();
+        let mut changed = state.by_id.len() != instances.len();
+        for mut instance in instances {
+            if let Some(old) = state.by_id.get(&instance.instance_id) {
+                // Flapping is this process's judgement, not a stored fact: keep it.
+                instance.flapping = old.flapping;
+                changed |= material(old) != material(&instance);
+            } else {
+                changed = true;
+            }
+            fresh.insert(instance);
+        }
         *state = fresh;
         drop(state);
         if changed {
@@ -140,27 +186,21 @@ impl Catalog {
     }
 
     pub fn all(&self) -> Vec<Instance> {
-        let mut all: Vec<Instance> = self.read().values().cloned().collect();
+        let mut all: Vec<Instance> = self.read().by_id.values().cloned().collect();
         all.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
         all
     }
 
     /// The instances of `service`, in id order.
     pub fn instances_of(&self, service: &str) -> Vec<Instance> {
-        let mut found: Vec<Instance> = self
-            .read()
-            .values()
-            .filter(|i| i.service.as_str() == service)
-            .cloned()
-            .collect();
-        found.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
-        found
+        // By id already: the service's ids are a sorted set.
+        self.read().of(service).cloned().collect()
     }
 
     /// Every service with its counts per state.
     pub fn services(&self) -> BTreeMap<String, Counts> {
         let mut services: BTreeMap<String, Counts> = BTreeMap::new();
-        for instance in self.read().values() {
+        for instance in self.read().by_id.values() {
             services
                 .entry(instance.service.as_str().to_owned())
                 .or_default()
@@ -181,10 +221,11 @@ impl Catalog {
     /// among equals; with all healthy instances of the service (filtered by `tag`).
     pub fn discover(&self, service: &str, tag: Option<&str>) -> (Option<Instance>, Vec<Instance>) {
         let healthy: Vec<Instance> = self
-            .instances_of(service)
-            .into_iter()
+            .read()
+            .of(service)
             .filter(|i| i.health == HealthState::Healthy && !i.draining && !i.flapping)
             .filter(|i| tag.is_none_or(|tag| i.tags.iter().any(|t| t == tag)))
+            .cloned()
             .collect();
         let load = |i: &Instance| i.load.map_or(0, |l| (l * 100.0).round() as i64);
         let Some(least) = healthy.iter().map(load).min() else {
