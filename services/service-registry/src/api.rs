@@ -620,10 +620,22 @@ async fn discover(
     }
     .until_changed(&state)
     .await?;
-    let (chosen, healthy) = state
-        .catalog
-        .discover(service.as_str(), query.tag.as_deref());
-    let Some(chosen) = chosen else {
+    let body =
+        state
+            .catalog
+            .discover_body(service.as_str(), query.tag.as_deref(), |chosen, healthy| {
+                let answer = json!({
+                    "name": service,
+                    "instance_id": chosen.instance_id,
+                    "address": chosen.address,
+                    "port": chosen.port,
+                    "health": chosen.health,
+                    "load": chosen.load,
+                    "instances": healthy,
+                });
+                bytes::Bytes::from(answer.to_string())
+            });
+    let Some(body) = body else {
         if state.catalog.instances_of(service.as_str()).is_empty() {
             return Err(ApiError::NotFound(format!(
                 "service {service} is not registered"
@@ -631,15 +643,7 @@ async fn discover(
         }
         return Err(ApiError::NoHealthy(service.as_str().to_owned()));
     };
-    Ok(indexed(index).json(json!({
-        "name": service,
-        "instance_id": chosen.instance_id,
-        "address": chosen.address,
-        "port": chosen.port,
-        "health": chosen.health,
-        "load": chosen.load,
-        "instances": healthy,
-    })))
+    Ok(indexed(index).content_type("application/json").body(body))
 }
 
 async fn history(

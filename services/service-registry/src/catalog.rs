@@ -5,7 +5,9 @@
 //! address, metadata, load in tenths), not on a heartbeat that only refreshes a time.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::api::{HealthState, Instance};
@@ -64,6 +66,15 @@ pub struct Catalog {
     index: watch::Sender<u64>,
     /// Round-robin position per service, for discovery among equals.
     turns: RwLock<HashMap<String, AtomicUsize>>,
+    /// Discovery answers per service, rendered once per index (untagged queries).
+    answers: RwLock<HashMap<String, Arc<Answers>>>,
+}
+
+/// The rendered answers of one service at one index: one per equally good instance.
+#[derive(Debug)]
+struct Answers {
+    index: u64,
+    bodies: Vec<Bytes>,
 }
 
 /// The part of an instance that a client acts on; a change in it moves the index.
@@ -113,6 +124,7 @@ impl Default for Catalog {
             state: RwLock::new(State::default()),
             index: watch::Sender::new(1),
             turns: RwLock::new(HashMap::new()),
+            answers: RwLock::new(HashMap::new()),
         }
     }
 }
@@ -219,7 +231,63 @@ impl Catalog {
 
     /// The instance a client should use now: the least loaded healthy one, round robin
     /// among equals; with all healthy instances of the service (filtered by `tag`).
-    pub fn discover(&self, service: &str, tag: Option<&str>) -> (Option<Instance>, Vec<Instance>) {
+    fn next_turn(&self, service: &str) -> usize {
+        let turn = {
+            let turns = self.turns.read().unwrap_or_else(|p| p.into_inner());
+            turns
+                .get(service)
+                .map(|t| t.fetch_add(1, Ordering::Relaxed))
+        };
+        turn.unwrap_or_else(|| {
+            let mut turns = self.turns.write().unwrap_or_else(|p| p.into_inner());
+            turns
+                .entry(service.to_owned())
+                .or_insert_with(|| AtomicUsize::new(0))
+                .fetch_add(1, Ordering::Relaxed)
+        })
+    }
+
+    /// The discovery answer for `service`, rendered by `render(chosen, healthy)`: for an
+    /// untagged query the answers are rendered once per index and reused, which makes a
+    /// discovery read cost about what serving a file does. `None` if nothing is healthy.
+    pub fn discover_body(
+        &self,
+        service: &str,
+        tag: Option<&str>,
+        render: impl Fn(&Instance, &[Instance]) -> Bytes,
+    ) -> Option<Bytes> {
+        let index = self.index();
+        if tag.is_none() {
+            let cached = self
+                .answers
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(service)
+                .filter(|a| a.index == index)
+                .cloned();
+            if let Some(answers) = cached {
+                let turn = self.next_turn(service);
+                return Some(answers.bodies[turn % answers.bodies.len()].clone());
+            }
+        }
+        let (healthy, equals) = self.candidates(service, tag);
+        if equals.is_empty() {
+            return None;
+        }
+        let bodies: Vec<Bytes> = equals.iter().map(|i| render(i, &healthy)).collect();
+        let turn = self.next_turn(service);
+        let body = bodies[turn % bodies.len()].clone();
+        if tag.is_none() {
+            self.answers
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(service.to_owned(), Arc::new(Answers { index, bodies }));
+        }
+        Some(body)
+    }
+
+    /// The healthy instances in rotation, and those among them with the least load.
+    fn candidates(&self, service: &str, tag: Option<&str>) -> (Vec<Instance>, Vec<Instance>) {
         let healthy: Vec<Instance> = self
             .read()
             .of(service)
@@ -228,24 +296,21 @@ impl Catalog {
             .cloned()
             .collect();
         let load = |i: &Instance| i.load.map_or(0, |l| (l * 100.0).round() as i64);
-        let Some(least) = healthy.iter().map(load).min() else {
+        let least = healthy.iter().map(load).min();
+        let equals = healthy
+            .iter()
+            .filter(|i| Some(load(i)) == least)
+            .cloned()
+            .collect();
+        (healthy, equals)
+    }
+
+    pub fn discover(&self, service: &str, tag: Option<&str>) -> (Option<Instance>, Vec<Instance>) {
+        let (healthy, equals) = self.candidates(service, tag);
+        if equals.is_empty() {
             return (None, healthy);
-        };
-        let equals: Vec<&Instance> = healthy.iter().filter(|i| load(i) == least).collect();
-        let turn = {
-            let turns = self.turns.read().unwrap_or_else(|p| p.into_inner());
-            turns
-                .get(service)
-                .map(|t| t.fetch_add(1, Ordering::Relaxed))
-        };
-        let turn = turn.unwrap_or_else(|| {
-            let mut turns = self.turns.write().unwrap_or_else(|p| p.into_inner());
-            turns
-                .entry(service.to_owned())
-                .or_insert_with(|| AtomicUsize::new(0))
-                .fetch_add(1, Ordering::Relaxed)
-        });
-        let chosen = equals[turn % equals.len()].clone();
+        }
+        let chosen = equals[self.next_turn(service) % equals.len()].clone();
         (Some(chosen), healthy)
     }
 }
