@@ -110,6 +110,37 @@ both_backends!(
         assert!(records >= 6, "{intact}");
 
         let db = fixture.db();
+        // The database itself refuses to change or remove a record…
+        let refused = db
+            .run(|conn| {
+                Ok(
+                    diesel::update(audit_log::table.filter(audit_log::seq.eq(3)))
+                        .set(audit_log::actor.eq("someone-else"))
+                        .execute(conn)?,
+                )
+            })
+            .await;
+        assert!(refused.is_err(), "an UPDATE of the audit log went through");
+        let refused = db
+            .run(|conn| {
+                Ok(diesel::delete(audit_log::table.filter(audit_log::seq.eq(3))).execute(conn)?)
+            })
+            .await;
+        assert!(refused.is_err(), "a DELETE from the audit log went through");
+        // …but whoever owns the database can drop the triggers; then the chain tells.
+        let drops: &[&str] = match backend {
+            common::db::Backend::Postgres => &[
+                "DROP TRIGGER audit_append_only ON audit_log",
+                "DROP TRIGGER audit_no_truncate ON audit_log",
+            ],
+            common::db::Backend::Sqlite => &[
+                "DROP TRIGGER audit_no_update",
+                "DROP TRIGGER audit_no_delete",
+            ],
+        };
+        for sql in drops {
+            exec(&db, (*sql).to_owned()).await;
+        }
         db.run(|conn| {
             diesel::update(audit_log::table.filter(audit_log::seq.eq(3)))
                 .set(audit_log::actor.eq("someone-else"))

@@ -1,0 +1,2 @@
+DROP TRIGGER audit_no_delete;
+DROP TRIGGER audit_no_update;
