@@ -152,3 +152,61 @@ async fn a_rotated_credential_reaches_the_client_through_its_event() {
     .expect("the rotation did not reach the client")
     .unwrap();
 }
+
+#[tokio::test]
+async fn a_concierge_service_registers_itself_even_when_the_registry_comes_up_later() {
+    let vault = VaultFixture::start().await;
+    let gateway_binary = common::testing::workspace_binary("gateway");
+    let registry_addr = std::net::SocketAddr::from(([127, 0, 0, 1], testkit::free_port().unwrap()));
+    let registry_url = format!("http://{registry_addr}");
+    let token_file = vault.token_file("gateway");
+    // The gateway starts first: no registry yet, and it serves all the same.
+    let mut gateway = ServiceProcess::spawn(
+        gateway_binary.to_str().unwrap(),
+        &[
+            ("REGISTRY_URL", &registry_url),
+            ("TOKEN_FILE", token_file.to_str().unwrap()),
+        ],
+    );
+    gateway.wait_healthy().await;
+
+    let db = TestDb::sqlite();
+    let vault_url = vault.url();
+    let mut registry = ServiceProcess::spawn_at(
+        BINARY,
+        registry_addr,
+        &[
+            ("DATABASE_URL", db.url.expose()),
+            ("VAULT_URL", &vault_url),
+            ("HEARTBEAT_INTERVAL", "1s"),
+        ],
+    );
+    registry.wait_healthy().await;
+    let http = common::client::HttpClient::new(Duration::from_secs(5));
+    let admin = vault.token("admin").to_owned();
+    let gateway_instances = || {
+        let (http, admin, url) = (http.clone(), admin.clone(), registry_url.clone());
+        async move {
+            let request = http::Request::get(format!("{url}/api/services/gateway"))
+                .header("authorization", format!("Bearer {admin}"))
+                .body(bytes::Bytes::new())
+                .unwrap();
+            let answer = http.send(request).await.unwrap();
+            (answer.status.as_u16(), answer.json())
+        }
+    };
+    eventually(
+        Duration::from_secs(15),
+        "the gateway registering itself",
+        || async { gateway_instances().await.0 == 200 },
+    )
+    .await;
+    let (_, view) = gateway_instances().await;
+    assert_eq!(view["instances"][0]["port"], gateway.addr.port());
+    assert_eq!(view["instances"][0]["tags"], json!(["control-plane"]));
+
+    // A graceful stop deregisters.
+    assert!(gateway.terminate().success());
+    assert_eq!(gateway_instances().await.0, 404);
+    assert!(registry.terminate().success());
+}
