@@ -322,16 +322,16 @@ async fn create_credential(
     let version = match version {
         Ok(version) => version,
         Err(error) => {
-            vault
-                .record(
+            return Err(vault
+                .refuse(
                     &ctx,
-                    &caller.actor,
+                    &caller,
                     "credential.create",
                     &resource,
                     Outcome::Invalid,
+                    error,
                 )
-                .await?;
-            return Err(error);
+                .await);
         }
     };
     let at = now();
@@ -389,16 +389,16 @@ async fn read_credential(
     let id = match parse_id(&path) {
         Ok(id) => id,
         Err(error) => {
-            vault
-                .record(
+            return Err(vault
+                .refuse(
                     &ctx,
-                    &caller.actor,
+                    &caller,
                     "credential.read",
                     &resource,
                     Outcome::Invalid,
+                    error,
                 )
-                .await?;
-            return Err(error);
+                .await);
         }
     };
     let loaded = match query.version {
@@ -441,16 +441,16 @@ async fn read_credential(
             .await);
     }
     if row.deleted_at.is_some() {
-        vault
-            .record(
+        return Err(vault
+            .refuse(
                 &ctx,
-                &caller.actor,
+                &caller,
                 "credential.read",
                 &resource,
                 Outcome::NotFound,
+                ApiError::NotFound(resource.clone()),
             )
-            .await?;
-        return Err(ApiError::NotFound(resource));
+            .await);
     }
     let value = match open_value(&vault, &row, &version) {
         Ok(value) => value,
@@ -548,16 +548,16 @@ async fn rotate_credential(
     let (id, expected) = match prepared {
         Ok(prepared) => prepared,
         Err(error) => {
-            vault
-                .record(
+            return Err(vault
+                .refuse(
                     &ctx,
-                    &caller.actor,
+                    &caller,
                     "credential.rotate",
                     &resource,
                     Outcome::Invalid,
+                    error,
                 )
-                .await?;
-            return Err(error);
+                .await);
         }
     };
     let lookup = id.clone();
@@ -567,16 +567,16 @@ async fn rotate_credential(
     {
         Ok(row) if row.deleted_at.is_none() => row,
         Ok(_) | Err(StoreError::NotFound) => {
-            vault
-                .record(
+            return Err(vault
+                .refuse(
                     &ctx,
-                    &caller.actor,
+                    &caller,
                     "credential.rotate",
                     &resource,
                     Outcome::NotFound,
+                    ApiError::NotFound(resource.clone()),
                 )
-                .await?;
-            return Err(ApiError::NotFound(resource));
+                .await);
         }
         Err(error) => return Err(ApiError::from_store(error, &resource)),
     };
@@ -584,16 +584,16 @@ async fn rotate_credential(
     let version = match seal_value(&vault, &id, next, &current.service, &body.value) {
         Ok(version) => version,
         Err(error) => {
-            vault
-                .record(
+            return Err(vault
+                .refuse(
                     &ctx,
-                    &caller.actor,
+                    &caller,
                     "credential.rotate",
                     &resource,
                     Outcome::Invalid,
+                    error,
                 )
-                .await?;
-            return Err(error);
+                .await);
         }
     };
     let at = now();
@@ -680,10 +680,9 @@ async fn set_deleted(
     let id = match parse_id(raw_id) {
         Ok(id) => id,
         Err(error) => {
-            vault
-                .record(ctx, &caller.actor, action, &resource, Outcome::Invalid)
-                .await?;
-            return Err(error);
+            return Err(vault
+                .refuse(ctx, &caller, action, &resource, Outcome::Invalid, error)
+                .await);
         }
     };
     let at = now();
@@ -725,31 +724,28 @@ async fn destroy_versions(
     let id = match parse_id(&path) {
         Ok(id) if !body.versions.is_empty() && body.versions.len() <= 1000 => id,
         Ok(_) => {
-            vault
-                .record(
+            return Err(vault
+                .refuse(
                     &ctx,
-                    &caller.actor,
+                    &caller,
                     "credential.destroy",
                     &resource,
                     Outcome::Invalid,
+                    ApiError::invalid("invalid-versions", "name 1 to 1000 versions to destroy"),
                 )
-                .await?;
-            return Err(ApiError::invalid(
-                "invalid-versions",
-                "name 1 to 1000 versions to destroy",
-            ));
+                .await);
         }
         Err(error) => {
-            vault
-                .record(
+            return Err(vault
+                .refuse(
                     &ctx,
-                    &caller.actor,
+                    &caller,
                     "credential.destroy",
                     &resource,
                     Outcome::Invalid,
+                    error,
                 )
-                .await?;
-            return Err(error);
+                .await);
         }
     };
     let versions = body.versions;
@@ -781,16 +777,16 @@ async fn list_versions(
     let id = match parse_id(&path) {
         Ok(id) => id,
         Err(error) => {
-            vault
-                .record(
+            return Err(vault
+                .refuse(
                     &ctx,
-                    &caller.actor,
+                    &caller,
                     "credential.versions",
                     &resource,
                     Outcome::Invalid,
+                    error,
                 )
-                .await?;
-            return Err(error);
+                .await);
         }
     };
     let loaded = vault
@@ -799,16 +795,16 @@ async fn list_versions(
     let (row, versions) = match loaded {
         Ok(found) if found.0.deleted_at.is_none() => found,
         Ok(_) | Err(StoreError::NotFound) => {
-            vault
-                .record(
+            return Err(vault
+                .refuse(
                     &ctx,
-                    &caller.actor,
+                    &caller,
                     "credential.versions",
                     &resource,
                     Outcome::NotFound,
+                    ApiError::NotFound(resource.clone()),
                 )
-                .await?;
-            return Err(ApiError::NotFound(resource));
+                .await);
         }
         Err(error) => return Err(ApiError::from_store(error, &resource)),
     };
@@ -854,16 +850,16 @@ async fn service_credentials(
     let service = match ServiceName::parse(&path) {
         Ok(service) => service,
         Err(error) => {
-            vault
-                .record(
+            return Err(vault
+                .refuse(
                     &ctx,
-                    &caller.actor,
+                    &caller,
                     "credential.read",
                     &resource,
                     Outcome::Invalid,
+                    ApiError::invalid("invalid-service", error.to_string()),
                 )
-                .await?;
-            return Err(ApiError::invalid("invalid-service", error.to_string()));
+                .await);
         }
     };
     // A service reads its own set, and only with the scope that lets it read credentials.
@@ -899,10 +895,16 @@ async fn service_credentials(
         let value = match open_value(&vault, row, version) {
             Ok(value) => value,
             Err(error) => {
-                vault
-                    .record(&ctx, &caller.actor, "credential.read", &one, Outcome::Error)
-                    .await?;
-                return Err(error);
+                return Err(vault
+                    .refuse(
+                        &ctx,
+                        &caller,
+                        "credential.read",
+                        &one,
+                        Outcome::Error,
+                        error,
+                    )
+                    .await);
             }
         };
         vault
@@ -972,16 +974,16 @@ async fn list_credentials(
         Ok(())
     })();
     if let Err(error) = checked {
-        vault
-            .record(
+        return Err(vault
+            .refuse(
                 &ctx,
-                &caller.actor,
+                &caller,
                 "credential.list",
                 resource,
                 Outcome::Invalid,
+                error,
             )
-            .await?;
-        return Err(error);
+            .await);
     }
     let filter = ListFilter {
         service: query.service,
@@ -1065,16 +1067,16 @@ async fn issue_token(
         Ok(())
     };
     if let Err(error) = checked {
-        vault
-            .record(
+        return Err(vault
+            .refuse(
                 &ctx,
-                &caller.actor,
+                &caller,
                 "token.issue",
                 &resource,
                 Outcome::Invalid,
+                error,
             )
-            .await?;
-        return Err(error);
+            .await);
     }
     let (token, claims) = vault.sign(body.service.as_str(), scopes.clone(), ttl);
     let row = token_row(&claims);
@@ -1126,16 +1128,16 @@ async fn revoke_token(
         .authorize_admin(&ctx, "token.revoke", &resource)
         .await?;
     if uuid::Uuid::parse_str(&id).is_err() {
-        vault
-            .record(
+        return Err(vault
+            .refuse(
                 &ctx,
-                &caller.actor,
+                &caller,
                 "token.revoke",
                 &resource,
                 Outcome::Invalid,
+                ApiError::invalid("invalid-id", "token ids are UUIDs"),
             )
-            .await?;
-        return Err(ApiError::invalid("invalid-id", "token ids are UUIDs"));
+            .await);
     }
     let revoked = id.clone();
     let at = now();

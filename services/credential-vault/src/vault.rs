@@ -354,6 +354,26 @@ impl Vault {
         }
     }
 
+    /// Records a request refused under `outcome` and hands back `error`, or the 503 if
+    /// even the record cannot be written.
+    pub async fn refuse(
+        &self,
+        ctx: &RequestContext,
+        caller: &Caller,
+        action: &'static str,
+        resource: &str,
+        outcome: Outcome,
+        error: ApiError,
+    ) -> ApiError {
+        match self
+            .record(ctx, &caller.actor, action, resource, outcome)
+            .await
+        {
+            Ok(()) => error,
+            Err(unrecorded) => unrecorded,
+        }
+    }
+
     /// Records a refusal and returns the 403 (or the 503 if even that cannot be recorded).
     pub async fn deny(
         &self,
