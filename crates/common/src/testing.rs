@@ -442,12 +442,15 @@ impl VaultFixture {
     }
 
     async fn admin_post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
-        let request = http::Request::post(self.process.url(path))
-            .header("authorization", format!("Bearer {}", self.token("admin")))
-            .header("content-type", "application/json")
-            .body(bytes::Bytes::from(body.to_string()))
-            .unwrap();
-        let answer = self.client.send(request).await.unwrap();
+        let url = self.process.url(path);
+        let answer = send_json(
+            &self.client,
+            "POST",
+            &url,
+            Some(self.token("admin")),
+            Some(body),
+        )
+        .await;
         assert_eq!(answer.status, 201, "{path}: {:?}", answer.json());
         answer.json()
     }
@@ -462,14 +465,16 @@ impl VaultFixture {
 
     /// Rotates a credential to `value`.
     pub async fn rotate(&self, id: &str, value: serde_json::Value) {
-        let request = http::Request::put(self.process.url(&format!("/api/credentials/{id}")))
-            .header("authorization", format!("Bearer {}", self.token("admin")))
-            .header("content-type", "application/json")
-            .body(bytes::Bytes::from(
-                serde_json::json!({ "value": value }).to_string(),
-            ))
-            .unwrap();
-        let answer = self.client.send(request).await.unwrap();
+        let url = self.process.url(&format!("/api/credentials/{id}"));
+        let body = serde_json::json!({ "value": value });
+        let answer = send_json(
+            &self.client,
+            "PUT",
+            &url,
+            Some(self.token("admin")),
+            Some(body),
+        )
+        .await;
         assert_eq!(answer.status, 200, "rotate: {:?}", answer.json());
     }
 
@@ -496,20 +501,8 @@ impl VaultFixture {
 pub async fn check_openapi_routes(base: &str, token: &str, expected_operations: usize) {
     let client = crate::client::HttpClient::new(std::time::Duration::from_secs(10));
     let send = |method: &str, path: &str, body: Option<serde_json::Value>| {
-        let mut request = http::Request::builder()
-            .method(method)
-            .uri(format!("{base}{path}"))
-            .header("authorization", format!("Bearer {token}"));
-        if body.is_some() {
-            request = request.header("content-type", "application/json");
-        }
-        let request = request
-            .body(bytes::Bytes::from(
-                body.map(|b| b.to_string()).unwrap_or_default(),
-            ))
-            .unwrap();
-        let client = client.clone();
-        async move { client.send(request).await.unwrap() }
+        let (client, url, method) = (client.clone(), format!("{base}{path}"), method.to_owned());
+        async move { send_json(&client, &method, &url, Some(token), body).await }
     };
     let document = send("GET", "/api/openapi.json", None).await;
     assert_eq!(document.status, 200);
@@ -551,4 +544,30 @@ pub async fn check_openapi_routes(base: &str, token: &str, expected_operations: 
         }
     }
     assert_eq!(operations, expected_operations, "documented operations");
+}
+
+/// Sends `method url` with an optional bearer token and JSON body, and reads the answer;
+/// panics, naming the request, if nothing answers.
+pub async fn send_json(
+    client: &crate::client::HttpClient,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> crate::client::ClientResponse {
+    let mut request = http::Request::builder().method(method).uri(url);
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let body = match body {
+        Some(json) => {
+            request = request.header("content-type", "application/json");
+            bytes::Bytes::from(json.to_string())
+        }
+        None => bytes::Bytes::new(),
+    };
+    client
+        .send(request.body(body).unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
 }

@@ -110,6 +110,15 @@ fn require_owner(claims: &Claims, service: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Instance `id` of `service`, or the 404 that tells its owner to register again.
+fn registered(state: &State, service: &ServiceName, id: &str) -> Result<Instance, ApiError> {
+    state
+        .catalog
+        .get(id)
+        .filter(|i| i.service == *service)
+        .ok_or_else(|| ApiError::NotFound(format!("instance {id} of {service} is not registered")))
+}
+
 fn service_name(raw: &str) -> Result<ServiceName, ApiError> {
     ServiceName::parse(raw).map_err(|e| ApiError::invalid("invalid-service-name", e.to_string()))
 }
@@ -335,12 +344,8 @@ async fn heartbeat(
             "load is a number from 0 to 1",
         ));
     }
-    let Some(mut instance) = state.catalog.get(&id).filter(|i| i.service == service) else {
-        // A 404 tells a client that the registry forgot it: register again.
-        return Err(ApiError::NotFound(format!(
-            "instance {id} of {service} is not registered"
-        )));
-    };
+    // A 404 tells a client that the registry forgot it: register again.
+    let mut instance = registered(&state, &service, &id)?;
     let now = Utc::now();
     let (at, load, target) = (now.naive_utc(), beat.load, id.clone());
     let revive = instance.health == HealthState::Offline && state.take_expired(&id);
@@ -412,11 +417,7 @@ async fn set_health(
     let (name, id) = path.into_inner();
     let service = service_name(&name)?;
     let body: SetHealth = parse(&body)?;
-    let Some(instance) = state.catalog.get(&id).filter(|i| i.service == service) else {
-        return Err(ApiError::NotFound(format!(
-            "instance {id} of {service} is not registered"
-        )));
-    };
+    let instance = registered(&state, &service, &id)?;
     let reason = body.reason.chars().take(512).collect::<String>();
     state.take_expired(&id);
     state.change_health(instance, body.state, reason).await?;
@@ -432,11 +433,7 @@ async fn deregister(
     let (name, id) = path.into_inner();
     let service = service_name(&name)?;
     require_owner(&claims, service.as_str())?;
-    if state.catalog.get(&id).is_none_or(|i| i.service != service) {
-        return Err(ApiError::NotFound(format!(
-            "instance {id} of {service} is not registered"
-        )));
-    }
+    registered(&state, &service, &id)?;
     state.remove(&service, &id).await?;
     Ok(HttpResponse::NoContent().finish())
 }
@@ -694,11 +691,7 @@ async fn drain(
     let service = service_name(&name)?;
     require_owner(&claims, service.as_str())?;
     let body: Drain = parse(&body)?;
-    let Some(mut instance) = state.catalog.get(&id).filter(|i| i.service == service) else {
-        return Err(ApiError::NotFound(format!(
-            "instance {id} of {service} is not registered"
-        )));
-    };
+    let mut instance = registered(&state, &service, &id)?;
     let target = id.clone();
     state
         .db

@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::client::{ClientResponse, HttpClient};
 use common::config::Env;
 use common::db::{Backend, DatabaseUrl, Db};
@@ -147,23 +146,8 @@ impl Vault {
         token: Option<&str>,
         body: Option<serde_json::Value>,
     ) -> ClientResponse {
-        let mut request = http::Request::builder()
-            .method(method)
-            .uri(self.process.url(path));
-        if let Some(token) = token {
-            request = request.header("authorization", format!("Bearer {token}"));
-        }
-        let body = match body {
-            Some(json) => {
-                request = request.header("content-type", "application/json");
-                Bytes::from(json.to_string())
-            }
-            None => Bytes::new(),
-        };
-        self.client
-            .send(request.body(body).unwrap())
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+        let url = self.process.url(path);
+        common::testing::send_json(&self.client, method, &url, token, body).await
     }
 
     pub async fn get(&self, path: &str, token: &str) -> ClientResponse {
