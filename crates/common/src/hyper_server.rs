@@ -6,6 +6,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,10 +16,10 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use prometheus::Registry;
+use prometheus::{IntGauge, Registry};
 use tracing::Instrument;
 
 use crate::metrics::{self, HttpMetrics, method_label};
@@ -58,10 +59,45 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body
     response
 }
 
-/// The route template a response was served under, set by the handler in the response's
-/// extensions; the metrics label requests by it. Unset means `unmatched`.
+/// The route a response was served under (a template, or the gateway's route), set by the
+/// handler in the response's extensions; the metrics label requests by it. Unset means
+/// `unmatched`. Its values must come from a bounded set.
+#[derive(Debug, Clone)]
+pub struct RouteLabel(pub Arc<str>);
+
+impl RouteLabel {
+    pub fn new(label: impl Into<Arc<str>>) -> Self {
+        Self(label.into())
+    }
+}
+
+/// The client's address, put in the request's extensions before the handler runs.
 #[derive(Debug, Clone, Copy)]
-pub struct RouteLabel(pub &'static str);
+pub struct PeerAddr(pub SocketAddr);
+
+/// How much a server accepts before it says no: the limits that hold without tuning.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// How long open requests may go on after shutdown begins.
+    pub drain: Duration,
+    /// Connections open at once; past it, new ones are closed at accept.
+    pub max_connections: usize,
+    /// The time a client has to send a request head (slowloris protection).
+    pub header_read_timeout: Duration,
+    /// The largest request head, in bytes (431 above it).
+    pub max_header_bytes: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            drain: Duration::from_secs(30),
+            max_connections: 20_000,
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
 
 /// The request's id, put in the request's extensions (and its header) before the handler runs.
 #[derive(Debug, Clone)]
@@ -111,27 +147,42 @@ impl Builtins {
         } else {
             problem_response(&Problem::method_not_allowed())
         };
-        response.extensions_mut().insert(RouteLabel(label));
+        response.extensions_mut().insert(RouteLabel::new(label));
         Some(response)
     }
 }
 
 /// Serves `handler` on `listener` until `shutdown` resolves, then lets open requests
-/// finish for up to `drain`. Every request gets an id (header and extension), a span,
-/// an access log line and its metrics.
+/// finish for up to `options.drain`. Every request gets an id (header and extension), the
+/// client's address (extension), a span and its metrics; the handler writes the access log.
 pub async fn serve<H, F>(
     listener: tokio::net::TcpListener,
     registry: &Registry,
     handler: H,
     shutdown: impl Future<Output = ()>,
-    drain: Duration,
+    options: &ServerOptions,
 ) -> std::io::Result<()>
 where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let metrics = HttpMetrics::new(registry).map_err(std::io::Error::other)?;
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let open = IntGauge::new(
+        "concierge_http_connections_open",
+        "Client connections open right now.",
+    )
+    .and_then(|gauge| metrics::register(registry, gauge))
+    .map_err(std::io::Error::other)?;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(options.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -147,10 +198,20 @@ where
             },
             () = &mut shutdown => break,
         };
+        if usize::try_from(open.get()).unwrap_or(usize::MAX) >= options.max_connections {
+            tracing::warn!(
+                %peer,
+                limit = options.max_connections,
+                "connection limit reached; closing a new connection"
+            );
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let metrics = metrics.clone();
-        let service = service_fn(move |req| {
+        let service = service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(PeerAddr(peer));
             let handler = handler.clone();
             let metrics = metrics.clone();
             async move { Ok::<_, Infallible>(observe(req, handler, &metrics).await) }
@@ -159,19 +220,22 @@ where
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
+        let open = open.clone();
+        open.inc();
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
+            open.dec();
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
+    if tokio::time::timeout(options.drain, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!(
-            ?drain,
+            drain = ?options.drain,
             "requests still open after the drain timeout; closing them"
         );
     }
@@ -207,15 +271,15 @@ where
     let route = response
         .extensions()
         .get::<RouteLabel>()
-        .map_or("unmatched", |label| label.0);
+        .map_or("unmatched", |label| &*label.0);
     let status = response.status().as_u16();
     metrics.finished(route, method, status, elapsed);
     span.in_scope(|| {
-        tracing::info!(
+        tracing::debug!(
             route,
             status,
             duration_ms = elapsed.as_secs_f64() * 1e3,
-            "request served"
+            "response head sent"
         );
     });
     if let Some(value) = header {

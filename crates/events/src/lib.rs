@@ -25,12 +25,18 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
+mod limiter;
+
+pub use limiter::{GCRA_SCRIPT, GcraAnswer, SharedLimiter};
+
 #[derive(Debug, thiserror::Error)]
 pub enum EventsError {
     #[error("invalid Redis URL: {0}")]
     InvalidUrl(String),
     #[error("cannot publish to Redis: {0}")]
     Publish(String),
+    #[error("Redis did not decide: {0}")]
+    Script(String),
 }
 
 /// The bus's metrics, registered in the owning service's registry.
@@ -97,6 +103,17 @@ fn client(url: &RedisUrl) -> Result<redis::Client, EventsError> {
         .map_err(|e| EventsError::InvalidUrl(format!("{:?}", e.kind())))
 }
 
+/// A connection made on first use and remade after a loss, with timeouts on every call.
+fn lazy_connection(url: &RedisUrl) -> Result<ConnectionManager, EventsError> {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(REDIS_TIMEOUT))
+        .set_response_timeout(Some(REDIS_TIMEOUT))
+        .set_number_of_retries(2)
+        .set_max_delay(BACKOFF_CAP);
+    ConnectionManager::new_lazy_with_config(client(url)?, config)
+        .map_err(|e| EventsError::InvalidUrl(format!("{:?}", e.kind())))
+}
+
 /// Publishes events on their channels; cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
@@ -121,17 +138,7 @@ impl Publisher {
         origin: impl Into<String>,
         metrics: EventMetrics,
     ) -> Result<Self, EventsError> {
-        let connection = redis_url
-            .map(|url| {
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(REDIS_TIMEOUT))
-                    .set_response_timeout(Some(REDIS_TIMEOUT))
-                    .set_number_of_retries(2)
-                    .set_max_delay(BACKOFF_CAP);
-                ConnectionManager::new_lazy_with_config(client(url)?, config)
-                    .map_err(|e| EventsError::InvalidUrl(format!("{:?}", e.kind())))
-            })
-            .transpose()?;
+        let connection = redis_url.map(lazy_connection).transpose()?;
         Ok(Self {
             connection,
             origin: origin.into(),

@@ -1,36 +1,72 @@
 //! The gateway: the one door through which traffic enters the fleet.
 //!
-//! It runs on hyper 1 (DESIGN.md, "Two HTTP stacks"). This file wires the server; the
-//! router sends each request to its handler.
+//! It runs on hyper 1 on both sides (DESIGN.md, "Two HTTP stacks"). A request passes the
+//! target checks ([`routing`]), finds its route in the current [`table::Table`], is
+//! authenticated and rate-limited as its policy says, and is forwarded to an instance by
+//! [`proxy::forward`]; [`sync`] keeps the table in step with the registry.
 
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod access;
+pub mod admin;
+pub mod balance;
+pub mod breaker;
+pub mod budget;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod proxy;
+pub mod ratelimit;
+pub mod routing;
+pub mod sync;
+pub mod table;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+use common::api::services;
+use common::auth::{Authenticator, Claims};
 use common::config::{CommonConfig, ConfigError, Env};
-use common::hyper_server::{self, Body, Builtins};
-use common::problem::Problem;
+use common::hyper_server::{self, Body, Builtins, PeerAddr, RequestId, RouteLabel};
 use common::readiness::Readiness;
 use events::{EventMetrics, Publisher};
-use http::{Request, Response};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-pub const NAME: &str = common::api::services::GATEWAY;
+pub use config::Config;
+
+use crate::error::GatewayError;
+use crate::metrics::GatewayMetrics;
+use crate::proxy::{Outgoing, RequestBody, Upstreams};
+use crate::ratelimit::{Decision, Limiter};
+use crate::table::{StaticUpstream, Table};
+
+pub const NAME: &str = services::GATEWAY;
 pub const DEFAULT_PORT: u16 = 8080;
 
-/// The gateway's configuration, from the environment.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub common: CommonConfig,
-}
+/// The scopes that may read the status page (besides an admin).
+const STATUS_SCOPES: &[&str] = &["admin", "services:discover"];
 
-impl Config {
-    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
-        Ok(Self {
-            common: CommonConfig::from_env(env, DEFAULT_PORT)?,
-        })
-    }
+/// What every request handler shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Config,
+    pub table: ArcSwap<Table>,
+    pub statics: Vec<StaticUpstream>,
+    pub upstreams: Upstreams,
+    pub limiter: Limiter,
+    pub auth: Option<Authenticator>,
+    pub metrics: GatewayMetrics,
+    pub builtins: Builtins,
+    /// Whether the instances have been loaded from the registry at least once.
+    pub loaded: AtomicBool,
 }
 
 /// Serves on `listener` until `shutdown` resolves, then drains open requests.
@@ -40,37 +76,419 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let registry = common::metrics::new_registry();
+    let event_metrics = EventMetrics::new(&registry)?;
     let publisher = Publisher::new(
         config.common.redis_url.as_ref(),
         NAME,
-        EventMetrics::new(&registry)?,
+        event_metrics.clone(),
     )?;
-    let builtins = Builtins::new(
-        registry.clone(),
-        publisher.add_readiness_check(Readiness::new()),
-    );
+    let shared_limits = config
+        .common
+        .redis_url
+        .as_ref()
+        .map(events::SharedLimiter::new)
+        .transpose()?;
+    let statics = static_upstreams(&config);
+    let source = match (&config.common.registry_url, &config.common.token) {
+        (Some(url), Some(token)) => Some(sync::Source {
+            registry_url: url.trim_end_matches('/').to_owned(),
+            token: token.clone(),
+            client: common::client::HttpClient::new(Duration::from_secs(10)),
+        }),
+        (Some(_), None) => {
+            tracing::warn!("REGISTRY_URL without TOKEN_FILE: the gateway cannot read the registry");
+            None
+        }
+        _ => None,
+    };
+    let mut connect_timeouts: BTreeSet<Duration> = BTreeSet::new();
+    connect_timeouts.insert(config.defaults.connect_timeout);
+    connect_timeouts.extend(config.policies.iter().map(|(_, p)| p.connect_timeout));
+
+    let shared_for_ready: Arc<std::sync::OnceLock<Arc<Shared>>> = Arc::default();
+    let mut readiness = publisher.add_readiness_check(Readiness::new());
+    if source.is_some() {
+        let cell = shared_for_ready.clone();
+        readiness = readiness.with_check("route_table", move || {
+            let loaded = cell.get().is_some_and(|s| s.loaded.load(Ordering::Relaxed));
+            async move {
+                if loaded {
+                    Ok(())
+                } else {
+                    Err("the instances have not been loaded from the registry yet".to_owned())
+                }
+            }
+        });
+    }
+    let auth = config
+        .vault_url
+        .as_deref()
+        .map(|url| Authenticator::new(url, config.common.token.clone()));
+    let shared = Arc::new(Shared {
+        table: ArcSwap::from_pointee(Table::default()),
+        statics,
+        upstreams: Upstreams::new(connect_timeouts),
+        limiter: Limiter::new(shared_limits),
+        auth,
+        metrics: GatewayMetrics::new(&registry)?,
+        builtins: Builtins::new(registry.clone(), readiness),
+        loaded: AtomicBool::new(false),
+        config,
+    });
+    let _ = shared_for_ready.set(shared.clone());
+    sync::rebuild(&shared, &BTreeMap::new(), "start");
+    let follower = tokio::spawn(sync::follow(shared.clone(), source, event_metrics));
+
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    let handler = move |req: Request<Incoming>| {
-        let builtins = builtins.clone();
-        async move { route(&builtins, req).await }
+    let options = shared.config.server.clone();
+    let handler = {
+        let shared = shared.clone();
+        move |req: Request<Incoming>| {
+            let shared = shared.clone();
+            async move { handle(&shared, req).await }
+        }
     };
-    hyper_server::serve(
-        listener,
-        &registry,
-        handler,
-        shutdown,
-        config.common.shutdown_timeout,
-    )
-    .await?;
+    let served = hyper_server::serve(listener, &registry, handler, shutdown, &options).await;
+    follower.abort();
+    served?;
     Ok(())
 }
 
-async fn route(builtins: &Builtins, req: Request<Incoming>) -> Response<Body> {
-    if let Some(response) = builtins.respond(req.method(), req.uri().path()).await {
+/// The control-plane services the configuration names, for when the registry lists none.
+fn static_upstreams(config: &Config) -> Vec<StaticUpstream> {
+    [
+        (services::CREDENTIAL_VAULT, config.vault_url.as_deref()),
+        (
+            services::SERVICE_REGISTRY,
+            config.common.registry_url.as_deref(),
+        ),
+        (services::HEALTH_MONITOR, config.monitor_url.as_deref()),
+    ]
+    .into_iter()
+    .filter_map(|(service, url)| {
+        let uri: http::Uri = url?.parse().ok()?;
+        Some(StaticUpstream {
+            service,
+            authority: uri.authority()?.clone(),
+        })
+    })
+    .collect()
+}
+
+/// A served request, for the access log.
+struct Served {
+    response: Response<Body>,
+    route: Arc<str>,
+    instance: Option<Arc<str>>,
+    attempts: usize,
+}
+
+async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    if let Some(response) = shared
+        .builtins
+        .respond(req.method(), req.uri().path())
+        .await
+    {
         return response;
     }
-    Problem::not_found(format!("no route for {}", req.uri().path())).to_hyper()
+    let request_id = req
+        .extensions()
+        .get::<RequestId>()
+        .map_or_else(|| Arc::from("-"), |id| id.0.clone());
+    let method = req.method().clone();
+    let path = truncate(req.uri().path(), 256);
+    let served = match dispatch(shared, req).await {
+        Ok(served) => served,
+        Err((error, route)) => {
+            match error.source() {
+                error::Source::Client => tracing::debug!(%error, "refused"),
+                error::Source::Upstream => tracing::warn!(%error, "upstream failure"),
+                error::Source::Gateway => tracing::error!(%error, "gateway failure"),
+            }
+            Served {
+                response: error.to_response(),
+                route,
+                instance: None,
+                attempts: 0,
+            }
+        }
+    };
+    let Served {
+        mut response,
+        route,
+        instance,
+        attempts,
+    } = served;
+    let status = response.status().as_u16();
+    let sample = shared.config.access_log_sample;
+    let write = status >= 400 || sample >= 1.0 || (sample > 0.0 && fastrand::f64() < sample);
+    response.extensions_mut().insert(RouteLabel(route.clone()));
+    let entry = access::Entry {
+        method,
+        path,
+        route,
+        instance,
+        attempts,
+        status,
+        request_id,
+        started,
+        write,
+    };
+    response.map(|body| access::wrap(body, entry, shared.metrics.clone()))
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+type Failure = (GatewayError, Arc<str>);
+
+fn unmatched(error: GatewayError) -> Failure {
+    (error, Arc::from("unmatched"))
+}
+
+async fn dispatch(shared: &Shared, mut req: Request<Incoming>) -> Result<Served, Failure> {
+    let path = req.uri().path().to_owned();
+    routing::check(&path, req.uri().query()).map_err(|e| unmatched(GatewayError::BadTarget(e)))?;
+    // Identity comes from the gateway alone, whatever the client sent.
+    req.headers_mut().remove(proxy::SUBJECT_HEADER);
+
+    if routing::is_under(&path, "/api/gateway") {
+        return gateway_endpoint(shared, req, &path).await;
+    }
+
+    let table = shared.table.load_full();
+    let route = table
+        .resolve(&path)
+        .cloned()
+        .ok_or_else(|| unmatched(GatewayError::NoRoute))?;
+    let label = route.prefix.clone();
+    let fail = |error: GatewayError| (error, label.clone());
+    let (policy_prefix, policy) = shared.config.policy_for(&path);
+    let needs_token = (route.control_plane && !table::PUBLIC_PATHS.contains(&path.as_str()))
+        || policy.require_token;
+    let claims = if needs_token {
+        Some(authenticate(shared, req.headers()).await.map_err(fail)?)
+    } else {
+        None
+    };
+    let limit = rate_limit(
+        shared,
+        &req,
+        claims.as_ref(),
+        policy_prefix,
+        policy,
+        &route.service,
+        &label,
+    )
+    .await
+    .map_err(fail)?;
+
+    let upstream_path = if route.strip {
+        routing::strip(&path, &route.prefix)
+    } else {
+        &path
+    };
+    let path_and_query = match req.uri().query() {
+        Some(query) => format!("{upstream_path}?{query}"),
+        None => upstream_path.to_owned(),
+    };
+    let outgoing = outgoing(shared, req, path_and_query, claims.as_ref()).map_err(fail)?;
+    let pool = table
+        .pool(&route.service)
+        .ok_or_else(|| fail(GatewayError::NoInstance(route.service.to_string())))?;
+    let (mut response, answered) = proxy::forward(context(shared), pool, policy, outgoing)
+        .await
+        .map_err(fail)?;
+    if let Some(decision) = limit {
+        error::insert_rate_headers(response.headers_mut(), &decision);
+    }
+    Ok(Served {
+        response,
+        route: label,
+        instance: Some(answered.instance),
+        attempts: answered.attempts,
+    })
+}
+
+fn context(shared: &Shared) -> proxy::Context<'_> {
+    proxy::Context {
+        upstreams: &shared.upstreams,
+        metrics: &shared.metrics,
+        panic_threshold: shared.config.panic_threshold,
+        body_limit: shared.config.common.max_body_bytes,
+    }
+}
+
+/// The request as it goes upstream: headers cleaned, body streamed within the limit.
+fn outgoing(
+    shared: &Shared,
+    mut req: Request<Incoming>,
+    path_and_query: String,
+    claims: Option<&Claims>,
+) -> Result<Outgoing, GatewayError> {
+    let limit = shared.config.common.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(GatewayError::BodyTooLarge(limit));
+    }
+    let upgrade = proxy::wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
+    let host = req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let (mut parts, body) = req.into_parts();
+    proxy::upstream_headers(
+        &mut parts.headers,
+        peer,
+        host,
+        claims.map(|c| c.sub.as_str()),
+        upgrade.is_some(),
+    );
+    let body = if http_body::Body::is_end_stream(&body) {
+        RequestBody::Empty
+    } else {
+        RequestBody::Stream(Limited::new(body, limit).boxed())
+    };
+    Ok(Outgoing {
+        method: parts.method,
+        path_and_query,
+        headers: parts.headers,
+        body,
+        upgrade,
+    })
+}
+
+async fn authenticate(shared: &Shared, headers: &http::HeaderMap) -> Result<Claims, GatewayError> {
+    let Some(auth) = &shared.auth else {
+        return Err(GatewayError::AuthUnavailable);
+    };
+    auth.authenticate(
+        headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+    )
+    .await
+    .map_err(|error| match error {
+        common::auth::AuthError::KeysUnavailable => GatewayError::AuthUnavailable,
+        other => GatewayError::Unauthenticated(other),
+    })
+}
+
+/// Applies the policy's limits; returns the tighter decision for the response headers.
+async fn rate_limit(
+    shared: &Shared,
+    req: &Request<Incoming>,
+    claims: Option<&Claims>,
+    policy_prefix: &str,
+    policy: &config::RoutePolicy,
+    service: &str,
+    label: &str,
+) -> Result<Option<Decision>, GatewayError> {
+    let mut tightest: Option<Decision> = None;
+    let client = match claims {
+        Some(claims) => format!("sub:{}", claims.sub),
+        None => req
+            .extensions()
+            .get::<PeerAddr>()
+            .map_or_else(|| "ip:unknown".to_owned(), |p| format!("ip:{}", p.0.ip())),
+    };
+    let checks = [
+        (
+            "client",
+            policy.per_client,
+            format!("concierge:rl:{policy_prefix}:client:{client}"),
+        ),
+        (
+            "service",
+            policy.per_service,
+            format!("concierge:rl:{policy_prefix}:service:{service}"),
+        ),
+    ];
+    for (scope, rate, key) in checks {
+        let Some(rate) = rate else { continue };
+        let (decision, backend) = shared.limiter.check(&key, rate).await;
+        shared.metrics.rate_decision(backend.as_str());
+        if !decision.allowed {
+            shared.metrics.rate_limited(label, scope);
+            return Err(GatewayError::RateLimited { scope, decision });
+        }
+        if tightest.is_none_or(|t| decision.remaining < t.remaining) {
+            tightest = Some(decision);
+        }
+    }
+    Ok(tightest)
+}
+
+/// `/api/gateway/status` and `/api/gateway/proxy`.
+async fn gateway_endpoint(
+    shared: &Shared,
+    req: Request<Incoming>,
+    path: &str,
+) -> Result<Served, Failure> {
+    let label: Arc<str> = Arc::from(path_label(path));
+    let fail = |error: GatewayError| (error, label.clone());
+    let response = match (req.method(), path) {
+        (&Method::GET, "/api/gateway/status") => {
+            let claims = authenticate(shared, req.headers()).await.map_err(fail)?;
+            if !STATUS_SCOPES.iter().any(|s| claims.has_scope(s)) {
+                return Err(fail(GatewayError::Forbidden(
+                    "the status page needs the admin or services:discover scope",
+                )));
+            }
+            admin::status(shared, &shared.table.load())
+        }
+        (&Method::POST, "/api/gateway/proxy") => {
+            let claims = authenticate(shared, req.headers()).await.map_err(fail)?;
+            let (service, public_path, mut outgoing) =
+                admin::proxy_request(req.into_body(), shared.config.common.max_body_bytes)
+                    .await
+                    .map_err(fail)?;
+            let table = shared.table.load_full();
+            let pool = table
+                .pool(service.as_str())
+                .ok_or_else(|| fail(GatewayError::NoInstance(service.to_string())))?;
+            let (_, policy) = shared.config.policy_for(&public_path);
+            proxy::upstream_headers(&mut outgoing.headers, None, None, Some(&claims.sub), false);
+            let (response, answered) = proxy::forward(context(shared), pool, policy, outgoing)
+                .await
+                .map_err(fail)?;
+            return Ok(Served {
+                response,
+                route: label,
+                instance: Some(answered.instance),
+                attempts: answered.attempts,
+            });
+        }
+        (_, "/api/gateway/status" | "/api/gateway/proxy") => admin::method_not_allowed(),
+        _ => return Err(fail(GatewayError::NoRoute)),
+    };
+    Ok(Served {
+        response,
+        route: label,
+        instance: None,
+        attempts: 0,
+    })
+}
+
+fn path_label(path: &str) -> &'static str {
+    match path {
+        "/api/gateway/status" => "/api/gateway/status",
+        "/api/gateway/proxy" => "/api/gateway/proxy",
+        _ => "unmatched",
+    }
 }
 
 /// The gateway as `main` runs it.

@@ -57,6 +57,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
         )
         .service(resource("/api/services/{name}/instances/{id}/drain").route(web::put().to(drain)))
         .service(resource("/api/discover").route(web::get().to(discover)))
+        .service(resource("/api/instances").route(web::get().to(all_instances)))
         .service(resource("/api/openapi.json").route(web::get().to(openapi)));
 }
 
@@ -563,6 +564,21 @@ async fn service_instances(
         "dependents": dependents,
         "instances": instances,
     })))
+}
+
+/// Every instance in every state: the full catalog, for consumers that keep a copy of it
+/// (the gateway's route table, the monitor's checks) and reconcile with blocking reads.
+async fn all_instances(
+    state: StateData,
+    req: HttpRequest,
+    query: web::Query<Blocking>,
+) -> Result<HttpResponse, ApiError> {
+    let claims = caller(&state, &req).await?;
+    require_any(&claims, &[DISCOVER_SCOPE, HEALTH_READ_SCOPE])?;
+    let index = query.until_changed(&state).await?;
+    let mut instances = state.catalog.all();
+    instances.sort_by(|a, b| (&a.service, &a.instance_id).cmp(&(&b.service, &b.instance_id)));
+    Ok(indexed(index).json(json!({ "index": index, "instances": instances })))
 }
 
 async fn service_health(

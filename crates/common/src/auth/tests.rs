@@ -214,7 +214,7 @@ mod over_http {
                 &registry,
                 handler,
                 std::future::pending(),
-                Duration::ZERO,
+                &hyper_server::ServerOptions::default(),
             )
             .await
         });

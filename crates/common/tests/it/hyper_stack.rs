@@ -26,7 +26,7 @@ async fn start(
             if req.uri().path() == "/slow" {
                 tokio::time::sleep(Duration::from_millis(1500)).await;
                 let mut response = http::Response::new(hyper_server::full("finished"));
-                response.extensions_mut().insert(RouteLabel("/slow"));
+                response.extensions_mut().insert(RouteLabel::new("/slow"));
                 return response;
             }
             common::problem::Problem::not_found("nothing here").to_hyper()
@@ -38,7 +38,10 @@ async fn start(
             &registry,
             handler,
             shutdown,
-            Duration::from_secs(10),
+            &hyper_server::ServerOptions {
+                drain: Duration::from_secs(10),
+                ..Default::default()
+            },
         )
         .await
     });

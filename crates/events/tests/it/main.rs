@@ -190,3 +190,37 @@ async fn a_bad_redis_url_is_refused_without_quoting_it() {
     let error = Publisher::new(Some(&bad), "x", metrics).unwrap_err();
     assert!(!error.to_string().contains("hunter2"), "{error}");
 }
+
+#[tokio::test]
+async fn the_shared_limit_is_exact_across_connections_and_refills_by_the_interval() {
+    let server = RedisServer::start().unwrap();
+    let one = events::SharedLimiter::new(&url(&server)).unwrap();
+    let two = events::SharedLimiter::new(&url(&server)).unwrap();
+    // 5 per minute: an interval of 12 s, so nothing refills during the burst.
+    let (interval, period) = (12_000_000, 60_000_000);
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let limiter = if i % 2 == 0 { one.clone() } else { two.clone() };
+        calls.push(tokio::spawn(async move {
+            limiter.gcra("test:burst", interval, period).await.unwrap()
+        }));
+    }
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.unwrap());
+    }
+    assert_eq!(answers.iter().filter(|a| a.allowed).count(), 5);
+    let refused = answers.iter().find(|a| !a.allowed).unwrap();
+    assert!(
+        (11_000_000..=12_000_000).contains(&refused.retry_after_us),
+        "{refused:?}"
+    );
+    assert!(refused.full_in_us > 59_000_000 && refused.full_in_us <= 60_000_000);
+
+    // A fast limit: 1 per 50 ms lets one more through after 50 ms.
+    let first = one.gcra("test:fast", 50_000, 50_000).await.unwrap();
+    let second = one.gcra("test:fast", 50_000, 50_000).await.unwrap();
+    assert!(first.allowed && !second.allowed);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert!(two.gcra("test:fast", 50_000, 50_000).await.unwrap().allowed);
+}

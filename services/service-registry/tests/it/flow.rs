@@ -69,6 +69,24 @@ both_backends!(register_heartbeat_discover_expire, |backend| async move {
         .await
         .json();
     assert_eq!(health["health"], "healthy");
+    let everything = registry.get("/api/instances", &payments).await;
+    assert_eq!(everything.status, 200);
+    let everything = everything.json();
+    let ids: Vec<&str> = everything["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["instance_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["p-1"]);
+    assert_eq!(
+        everything["index"].to_string(),
+        registry
+            .get("/api/instances", &payments)
+            .await
+            .header("x-concierge-index")
+            .unwrap()
+    );
 
     // Heartbeats stop: offline after the TTL, then removed after DEREGISTER_AFTER.
     eventually(Duration::from_secs(5), "going offline", || async {

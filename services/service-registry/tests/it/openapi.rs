@@ -10,6 +10,6 @@ async fn every_documented_operation_is_served() {
     let db = TestDb::sqlite();
     let registry = Registry::start(&vault, &db.url, &[]).await;
     // The routes of api::routes plus /health, /ready and /metrics.
-    common::testing::check_openapi_routes(&registry.process.url(""), vault.token("admin"), 16)
+    common::testing::check_openapi_routes(&registry.process.url(""), vault.token("admin"), 17)
         .await;
 }

@@ -1,0 +1,580 @@
+//! The data plane: send a request to an instance of a pool and stream the answer back,
+//! with circuit breaking, retries within the budget, timeouts and header hygiene.
+//!
+//! The only module that uses the hyper client (STYLE.md, "one door").
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::hyper_server::{Body, BoxError};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body::Frame;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::balance::{self, Constraints};
+use crate::breaker::{Admission, Outcome};
+use crate::config::RoutePolicy;
+use crate::error::GatewayError;
+use crate::metrics::GatewayMetrics;
+use crate::table::{Endpoint, Live, Pool};
+
+/// The header that carries the verified token subject upstream; never taken from a client.
+pub const SUBJECT_HEADER: HeaderName = HeaderName::from_static("x-concierge-subject");
+
+/// Attempts per request at most (the first and two retries), budget permitting.
+const MAX_ATTEMPTS: usize = 3;
+
+/// Pooled keep-alive clients to the instances, one per connect timeout in use.
+#[derive(Debug)]
+pub struct Upstreams {
+    clients: HashMap<Duration, Client<HttpConnector, Body>>,
+}
+
+impl Upstreams {
+    pub fn new(connect_timeouts: impl IntoIterator<Item = Duration>) -> Self {
+        let clients = connect_timeouts
+            .into_iter()
+            .map(|timeout| {
+                let mut connector = HttpConnector::new();
+                connector.set_connect_timeout(Some(timeout));
+                connector.set_nodelay(true);
+                connector.set_keepalive(Some(Duration::from_secs(60)));
+                let client = Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(60))
+                    .pool_max_idle_per_host(1024)
+                    .build(connector);
+                (timeout, client)
+            })
+            .collect();
+        Self { clients }
+    }
+
+    fn client(&self, connect_timeout: Duration) -> Option<&Client<HttpConnector, Body>> {
+        self.clients.get(&connect_timeout)
+    }
+}
+
+/// A request body, and whether it can be sent again to another instance.
+#[derive(Debug)]
+pub enum RequestBody {
+    Empty,
+    Bytes(Bytes),
+    /// Streamed from the client: sent once, never retried.
+    Stream(Body),
+}
+
+impl RequestBody {
+    fn replayable(&self) -> bool {
+        !matches!(self, Self::Stream(_))
+    }
+
+    fn take(&mut self) -> Body {
+        match std::mem::replace(self, Self::Empty) {
+            Self::Empty => Empty::new().map_err(|never| match never {}).boxed(),
+            Self::Bytes(bytes) => {
+                let body = Full::new(bytes.clone())
+                    .map_err(|never| match never {})
+                    .boxed();
+                *self = Self::Bytes(bytes);
+                body
+            }
+            Self::Stream(body) => body,
+        }
+    }
+}
+
+/// One request on its way upstream.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub method: Method,
+    /// The path and query the instance sees.
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub body: RequestBody,
+    pub upgrade: Option<OnUpgrade>,
+}
+
+/// Which instance answered.
+#[derive(Debug, Clone)]
+pub struct Answered {
+    pub instance: Arc<str>,
+    pub attempts: usize,
+}
+
+/// Counts a request in flight on an instance until the response body ends (or the
+/// upgraded connection closes), for least-outstanding balancing and the status page.
+#[derive(Debug)]
+pub struct InFlight(Arc<Live>);
+
+impl InFlight {
+    fn start(live: &Arc<Live>) -> Self {
+        live.in_flight.fetch_add(1, Ordering::Relaxed);
+        live.requests.fetch_add(1, Ordering::Relaxed);
+        Self(live.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What `forward` needs from the gateway.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    pub upstreams: &'a Upstreams,
+    pub metrics: &'a GatewayMetrics,
+    pub panic_threshold: u8,
+    /// The request body limit, for the 413 when a streamed body goes over it.
+    pub body_limit: usize,
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Sends `outgoing` to an instance of `pool`, trying others after a connect error, a
+/// reset or a 503 when the request can be sent again and the retry budget allows.
+pub async fn forward(
+    cx: Context<'_>,
+    pool: &Pool,
+    policy: &RoutePolicy,
+    mut outgoing: Outgoing,
+) -> Result<(Response<Body>, Answered), GatewayError> {
+    let service = &*pool.service;
+    let client = cx.upstreams.client(policy.connect_timeout).ok_or_else(|| {
+        GatewayError::Internal("no client for the route's connect timeout".into())
+    })?;
+    let replayable = outgoing.body.replayable() && outgoing.upgrade.is_none();
+    let idempotent = is_idempotent(&outgoing.method);
+    pool.budget.deposit();
+    let mut tried: Vec<usize> = Vec::with_capacity(MAX_ATTEMPTS);
+    let mut last_error = None;
+    loop {
+        let now = Instant::now();
+        let constraints = Constraints {
+            balance: policy.balance,
+            panic_threshold: cx.panic_threshold,
+            allow_probe: replayable,
+            exclude: &tried,
+        };
+        let Some(index) = balance::pick(pool, constraints, now) else {
+            return Err(last_error.unwrap_or_else(|| GatewayError::NoInstance(service.to_owned())));
+        };
+        tried.push(index);
+        let endpoint = &pool.endpoints[index];
+        let admission = {
+            let (admission, transition) = endpoint.live.breaker().admit(now);
+            if let Some(state) = transition {
+                cx.metrics.circuit(service, &endpoint.instance_id, state);
+            }
+            admission
+        };
+        let Some(admission) = admission else {
+            continue; // its last probe slot went to another request meanwhile
+        };
+        let body = outgoing.body.take();
+        let request = upstream_request(&outgoing, endpoint, body)?;
+        let guard = InFlight::start(&endpoint.live);
+        let started = Instant::now();
+        let answer = tokio::time::timeout(policy.timeout, client.request(request)).await;
+        let elapsed = started.elapsed();
+        let attempt_error = match answer {
+            Ok(Ok(mut response)) => {
+                let status = response.status();
+                let outcome = if status.is_server_error() {
+                    Outcome::Failure
+                } else {
+                    Outcome::Success
+                };
+                record(cx, pool, endpoint, admission, outcome);
+                cx.metrics.upstream(
+                    service,
+                    if status.is_server_error() {
+                        "status_5xx"
+                    } else {
+                        "ok"
+                    },
+                    elapsed,
+                );
+                let may_retry =
+                    status == StatusCode::SERVICE_UNAVAILABLE && replayable && idempotent;
+                if !(may_retry && retry(cx, pool, &tried, "status_503")) {
+                    let answered = Answered {
+                        instance: endpoint.instance_id.clone(),
+                        attempts: tried.len(),
+                    };
+                    if status == StatusCode::SWITCHING_PROTOCOLS
+                        && let Some(client_side) = outgoing.upgrade.take()
+                    {
+                        let upstream_side = hyper::upgrade::on(&mut response);
+                        tokio::spawn(tunnel(client_side, upstream_side, guard));
+                        return Ok((downstream(response, true).map(|_| empty()), answered));
+                    }
+                    return Ok((
+                        downstream(response, false).map(|body| track(body, guard)),
+                        answered,
+                    ));
+                }
+                GatewayError::Upstream {
+                    service: service.to_owned(),
+                    instance: endpoint.instance_id.to_string(),
+                    cause: "answered 503".into(),
+                }
+            }
+            Ok(Err(error)) => {
+                if caused_by_body_limit(&error) {
+                    return Err(GatewayError::BodyTooLarge(cx.body_limit));
+                }
+                let connect = error.is_connect();
+                let outcome = if connect {
+                    Outcome::ConnectFailure
+                } else {
+                    Outcome::Failure
+                };
+                record(cx, pool, endpoint, admission, outcome);
+                cx.metrics
+                    .upstream(service, if connect { "connect" } else { "reset" }, elapsed);
+                let cause = chain(&error);
+                let failure = if connect {
+                    GatewayError::Connect {
+                        service: service.to_owned(),
+                        instance: endpoint.instance_id.to_string(),
+                        cause,
+                    }
+                } else {
+                    GatewayError::Upstream {
+                        service: service.to_owned(),
+                        instance: endpoint.instance_id.to_string(),
+                        cause,
+                    }
+                };
+                // A connect error never reached the instance; a reset may have, so only
+                // an idempotent request goes again.
+                let may_retry = replayable && (connect || idempotent);
+                let reason = if connect { "connect" } else { "reset" };
+                if !(may_retry && retry(cx, pool, &tried, reason)) {
+                    return Err(failure);
+                }
+                failure
+            }
+            Err(_) => {
+                record(cx, pool, endpoint, admission, Outcome::Failure);
+                cx.metrics.upstream(service, "timeout", elapsed);
+                return Err(GatewayError::Timeout {
+                    service: service.to_owned(),
+                    instance: endpoint.instance_id.to_string(),
+                    timeout: policy.timeout,
+                });
+            }
+        };
+        tracing::debug!(error = %attempt_error, "retrying on another instance");
+        last_error = Some(attempt_error);
+    }
+}
+
+fn retry(cx: Context<'_>, pool: &Pool, tried: &[usize], reason: &str) -> bool {
+    if tried.len() >= MAX_ATTEMPTS || tried.len() >= pool.endpoints.len() {
+        return false;
+    }
+    if !pool.budget.withdraw() {
+        cx.metrics.budget_exhausted(&pool.service);
+        return false;
+    }
+    cx.metrics.retried(&pool.service, reason);
+    true
+}
+
+fn record(
+    cx: Context<'_>,
+    pool: &Pool,
+    endpoint: &Endpoint,
+    admission: Admission,
+    outcome: Outcome,
+) {
+    if outcome != Outcome::Success {
+        endpoint.live.failures.fetch_add(1, Ordering::Relaxed);
+    }
+    let transition = endpoint
+        .live
+        .breaker()
+        .record(admission, outcome, Instant::now());
+    if let Some(state) = transition {
+        tracing::info!(
+            service = &*pool.service,
+            instance = &*endpoint.instance_id,
+            state = state.as_str(),
+            "circuit changed"
+        );
+        cx.metrics
+            .circuit(&pool.service, &endpoint.instance_id, state);
+    }
+}
+
+fn upstream_request(
+    outgoing: &Outgoing,
+    endpoint: &Endpoint,
+    body: Body,
+) -> Result<Request<Body>, GatewayError> {
+    let path_and_query = PathAndQuery::try_from(outgoing.path_and_query.as_str())
+        .map_err(|e| GatewayError::BadRequest(format!("the path cannot be sent on: {e}")))?;
+    let uri = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(endpoint.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+    let mut request = Request::new(body);
+    *request.method_mut() = outgoing.method.clone();
+    *request.uri_mut() = uri;
+    *request.headers_mut() = outgoing.headers.clone();
+    Ok(request)
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), which describe one connection, not the message.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Whether the request asks to switch protocols (a WebSocket, say).
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes hop-by-hop headers, and those the `Connection` header names. With `upgrade`,
+/// `Connection: upgrade` and `Upgrade` stay: they are the point of the request.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let upgrade_value = headers.get(header::UPGRADE).cloned();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+    if upgrade && let Some(value) = upgrade_value {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, value);
+    }
+}
+
+/// Prepares a client's headers for the instance: hop-by-hop headers out, forged identity
+/// out, `X-Forwarded-*` in, and the verified subject when there is one.
+pub fn upstream_headers(
+    headers: &mut HeaderMap,
+    peer: Option<IpAddr>,
+    host: Option<HeaderValue>,
+    subject: Option<&str>,
+    upgrade: bool,
+) {
+    strip_hop_by_hop(headers, upgrade);
+    headers.remove(SUBJECT_HEADER);
+    if let Some(peer) = peer {
+        let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(earlier) => format!("{earlier}, {peer}"),
+            None => peer.to_string(),
+        };
+        if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+            headers.insert("x-forwarded-for", value);
+        }
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    match host {
+        Some(host) => {
+            headers.insert("x-forwarded-host", host);
+        }
+        None => {
+            headers.remove("x-forwarded-host");
+        }
+    }
+    if let Some(subject) = subject.and_then(|s| HeaderValue::from_str(s).ok()) {
+        headers.insert(SUBJECT_HEADER, subject);
+    }
+}
+
+/// The instance's response for the client: hop-by-hop headers out, body streamed.
+fn downstream(response: Response<hyper::body::Incoming>, upgrade: bool) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// Copies bytes both ways between an upgraded client connection and the instance's.
+async fn tunnel(client_side: OnUpgrade, upstream_side: OnUpgrade, guard: InFlight) {
+    let (client_side, upstream_side) = tokio::join!(client_side, upstream_side);
+    match (client_side, upstream_side) {
+        (Ok(client_side), Ok(upstream_side)) => {
+            let mut client_side = TokioIo::new(client_side);
+            let mut upstream_side = TokioIo::new(upstream_side);
+            if let Err(error) =
+                tokio::io::copy_bidirectional(&mut client_side, &mut upstream_side).await
+            {
+                tracing::debug!(%error, "upgraded connection ended with an error");
+            }
+        }
+        (client_side, upstream_side) => {
+            tracing::debug!(
+                client = client_side.is_ok(),
+                upstream = upstream_side.is_ok(),
+                "an upgrade did not complete"
+            );
+        }
+    }
+    drop(guard);
+}
+
+/// The response body, keeping its request counted in flight until the body ends.
+fn track(body: Body, guard: InFlight) -> Body {
+    Tracked {
+        inner: body,
+        guard: Some(guard),
+    }
+    .boxed()
+}
+
+struct Tracked {
+    inner: Body,
+    guard: Option<InFlight>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context2<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.guard = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+type Context2<'a> = std::task::Context<'a>;
+
+/// Whether the request failed because the client's body went over the limit.
+fn caused_by_body_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if error.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        current = error.source();
+    }
+    false
+}
+
+/// An error and its causes on one line, for the log.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut current = error.source();
+    while let Some(cause) = current {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        current = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_forged_headers_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        headers.insert(SUBJECT_HEADER, HeaderValue::from_static("admin"));
+        headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        headers.insert("x-request-id", HeaderValue::from_static("abc"));
+        headers.insert("traceparent", HeaderValue::from_static("00-1-2-01"));
+        upstream_headers(
+            &mut headers,
+            Some("127.0.0.9".parse().unwrap()),
+            Some(HeaderValue::from_static("shop.example")),
+            None,
+            false,
+        );
+        for gone in [
+            "connection",
+            "x-secret-hop",
+            "keep-alive",
+            "te",
+            "upgrade",
+            "x-concierge-subject",
+        ] {
+            assert!(!headers.contains_key(gone), "{gone} survived");
+        }
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 127.0.0.9");
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert_eq!(headers["x-forwarded-host"], "shop.example");
+        assert_eq!(headers["x-request-id"], "abc");
+        assert_eq!(headers["traceparent"], "00-1-2-01");
+    }
+
+    #[test]
+    fn an_upgrade_keeps_its_headers_and_the_verified_subject_is_set() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(wants_upgrade(&headers));
+        upstream_headers(&mut headers, None, None, Some("payments"), true);
+        assert_eq!(headers[header::CONNECTION], "upgrade");
+        assert_eq!(headers[header::UPGRADE], "websocket");
+        assert_eq!(headers[SUBJECT_HEADER], "payments");
+    }
+}

@@ -1,0 +1,156 @@
+//! Keeping the route table in step with the registry (DESIGN.md, "Events"): the full list
+//! of instances at start, on every (re)connect and every `RESYNC_INTERVAL`, and each
+//! registry and health event in between. Token revocations from the vault ride along.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use common::api::{Channel, Event, Instance};
+use common::client::{ClientError, HttpClient};
+use common::secret::Secret;
+use events::{EventMetrics, Signal};
+use serde::Deserialize;
+
+use crate::Shared;
+use crate::table::Table;
+
+/// Where the instances come from.
+#[derive(Debug)]
+pub struct Source {
+    pub registry_url: String,
+    pub token: Secret<String>,
+    pub client: HttpClient,
+}
+
+impl Source {
+    async fn load(&self) -> Result<BTreeMap<String, Instance>, ClientError> {
+        #[derive(Deserialize)]
+        struct List {
+            instances: Vec<Instance>,
+        }
+        let url = format!("{}/api/instances", self.registry_url);
+        let request = http::Request::get(&url)
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", self.token.expose()),
+            )
+            .body(bytes::Bytes::new())
+            .map_err(|e| ClientError::InvalidUrl(url.clone(), e.to_string()))?;
+        let response = self.client.send(request).await?;
+        if !response.status.is_success() {
+            return Err(ClientError::Status(url, response.status));
+        }
+        let list: List = serde_json::from_slice(&response.body)
+            .map_err(|e| ClientError::Body(url, e.to_string()))?;
+        Ok(list
+            .instances
+            .into_iter()
+            .map(|i| (i.instance_id.clone(), i))
+            .collect())
+    }
+}
+
+/// Follows the registry until the process ends.
+pub async fn follow(shared: Arc<Shared>, source: Option<Source>, metrics: EventMetrics) {
+    let mut subscription = match events::subscribe(
+        shared.config.common.redis_url.as_ref(),
+        &[Channel::Registry, Channel::Health, Channel::Vault],
+        shared.config.common.resync_interval,
+        metrics,
+    ) {
+        Ok(subscription) => subscription,
+        Err(error) => {
+            tracing::error!(%error, "cannot follow the registry; the route table stays as it is");
+            return;
+        }
+    };
+    let mut instances: BTreeMap<String, Instance> = BTreeMap::new();
+    while let Some(signal) = subscription.next().await {
+        let changed = match signal {
+            Signal::Resync(_) => {
+                if let Some(auth) = &shared.auth
+                    && let Err(error) = auth.reload_revoked().await
+                {
+                    tracing::warn!(%error, "cannot reload the revoked tokens");
+                }
+                match &source {
+                    Some(source) => match source.load().await {
+                        Ok(fresh) => {
+                            shared.loaded.store(true, Ordering::Relaxed);
+                            instances = fresh;
+                            Some("resync")
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot load the instances; keeping the routes as they are");
+                            None
+                        }
+                    },
+                    None => Some("resync"),
+                }
+            }
+            Signal::Event(envelope) => apply(&shared, &mut instances, envelope.event),
+        };
+        if let Some(cause) = changed {
+            rebuild(&shared, &instances, cause);
+        }
+    }
+}
+
+/// Applies one event; `Some` when the routes changed.
+fn apply(
+    shared: &Shared,
+    instances: &mut BTreeMap<String, Instance>,
+    event: Event,
+) -> Option<&'static str> {
+    match event {
+        Event::InstanceRegistered { instance } | Event::InstanceUpdated { instance } => {
+            instances.insert(instance.instance_id.clone(), instance);
+        }
+        Event::InstanceDeregistered { instance_id, .. } => {
+            instances.remove(&instance_id)?;
+        }
+        Event::HealthChanged {
+            instance_id, to, ..
+        } => {
+            let instance = instances.get_mut(&instance_id)?;
+            instance.health = to;
+        }
+        Event::TokenRevoked { id } => {
+            if let Some(auth) = &shared.auth {
+                auth.mark_revoked(id);
+            }
+            return None;
+        }
+        Event::CredentialRotated { .. } | Event::CredentialDeleted { .. } => return None,
+    }
+    Some("event")
+}
+
+/// Builds and swaps in a new table; requests under way keep the one they started with.
+pub fn rebuild(shared: &Shared, instances: &BTreeMap<String, Instance>, cause: &str) {
+    let previous = shared.table.load_full();
+    let table = Table::build(
+        instances,
+        &shared.statics,
+        &previous,
+        &shared.config.breaker,
+        shared.config.retry_budget,
+    );
+    let before: HashSet<_> = previous.instance_keys().into_iter().collect();
+    let after: HashSet<_> = table.instance_keys().into_iter().collect();
+    for (service, instance) in after.difference(&before) {
+        let state = table
+            .pool(service)
+            .and_then(|p| p.endpoints.iter().find(|e| e.instance_id == *instance))
+            .map(|e| e.live.breaker().state(std::time::Instant::now()));
+        if let Some(state) = state {
+            shared.metrics.circuit_seen(service, instance, state);
+        }
+    }
+    for (service, instance) in before.difference(&after) {
+        shared.metrics.circuit_gone(service, instance);
+    }
+    shared.metrics.table_updated(cause, after.len());
+    shared.table.store(Arc::new(table));
+}
