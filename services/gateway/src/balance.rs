@@ -51,7 +51,8 @@ pub struct Constraints<'a> {
 }
 
 /// The instances a request may go to, in tiers: healthy ones; else degraded ones; in
-/// panic mode (too few healthy) all of them. Draining instances take nothing new.
+/// panic mode (too few healthy) healthy and degraded ones together, rather than overload
+/// the few. Offline and draining instances take nothing new.
 fn tier(pool: &Pool, panic_threshold: u8) -> impl Fn(&Endpoint) -> bool + use<> {
     let (mut total, mut healthy, mut degraded) = (0u32, 0u32, 0u32);
     for endpoint in pool.endpoints.iter().filter(|e| !e.draining) {
@@ -66,9 +67,11 @@ fn tier(pool: &Pool, panic_threshold: u8) -> impl Fn(&Endpoint) -> bool + use<> 
     let accept_degraded = healthy == 0 && degraded > 0;
     move |e: &Endpoint| {
         !e.draining
-            && (panic
-                || e.health == HealthState::Healthy
-                || (accept_degraded && e.health == HealthState::Degraded))
+            && match e.health {
+                HealthState::Healthy => true,
+                HealthState::Degraded => panic || accept_degraded,
+                HealthState::Offline => false,
+            }
     }
 }
 
@@ -210,27 +213,36 @@ mod tests {
     }
 
     #[test]
-    fn degraded_only_when_nothing_is_healthy_and_panic_spreads_over_all() {
+    fn degraded_only_when_nothing_is_healthy_and_panic_spreads_over_degraded() {
         let degraded = pool(&[(HealthState::Offline, 1), (HealthState::Degraded, 1)]);
-        // 0 % healthy is below the panic threshold: all instances take traffic.
-        assert_eq!(spread(&degraded, Balance::RoundRobin, 10), [5, 5]);
+        assert_eq!(spread(&degraded, Balance::RoundRobin, 10), [0, 10]);
+        let offline = pool(&[(HealthState::Offline, 1)]);
+        assert_eq!(
+            pick(&offline, constraints(Balance::RoundRobin), Instant::now()),
+            None
+        );
+        // One healthy of four is below the 50 % threshold: the degraded ones help out.
+        let mostly_degraded = pool(&[
+            (HealthState::Healthy, 1),
+            (HealthState::Degraded, 1),
+            (HealthState::Degraded, 1),
+            (HealthState::Offline, 1),
+        ]);
+        assert_eq!(
+            spread(&mostly_degraded, Balance::RoundRobin, 30),
+            [10, 10, 10, 0]
+        );
         let no_panic = Constraints {
             panic_threshold: 0,
             ..constraints(Balance::RoundRobin)
         };
         for _ in 0..10 {
-            assert_eq!(pick(&degraded, no_panic, Instant::now()), Some(1));
+            assert_eq!(pick(&mostly_degraded, no_panic, Instant::now()), Some(0));
         }
-        let mostly_down = pool(&[
-            (HealthState::Healthy, 1),
-            (HealthState::Offline, 1),
-            (HealthState::Offline, 1),
-        ]);
-        assert_eq!(spread(&mostly_down, Balance::RoundRobin, 30), [10, 10, 10]);
         let healthy_enough = pool(&[
             (HealthState::Healthy, 1),
             (HealthState::Healthy, 1),
-            (HealthState::Offline, 1),
+            (HealthState::Degraded, 1),
         ]);
         assert_eq!(
             spread(&healthy_enough, Balance::RoundRobin, 30),

@@ -69,7 +69,8 @@ pub struct Config {
     pub policies: Vec<(String, RoutePolicy)>,
     pub breaker: BreakerConfig,
     /// `PANIC_THRESHOLD`: below this percentage of healthy instances, spread requests over
-    /// all of a service's instances rather than overload the few (Envoy's panic mode).
+    /// the degraded instances too rather than overload the few healthy ones (Envoy's panic
+    /// mode, short of sending to instances known to be offline).
     pub panic_threshold: u8,
     /// `RETRY_BUDGET`: retries allowed as a fraction of requests (0.2 = 20 % extra load).
     pub retry_budget: f64,

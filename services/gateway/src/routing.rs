@@ -186,3 +186,108 @@ mod tests {
         assert_eq!(short, ["/a/b", "/a"]);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::breaker::BreakerConfig;
+    use crate::table::Table;
+
+    /// Paths built from the characters that matter to routing, plus anything at all.
+    fn path() -> impl Strategy<Value = String> {
+        prop_oneof![
+            proptest::collection::vec(
+                prop_oneof![
+                    Just("/".to_owned()),
+                    Just(".".to_owned()),
+                    Just("..".to_owned()),
+                    Just("%".to_owned()),
+                    Just("%2e".to_owned()),
+                    Just("%2F".to_owned()),
+                    Just("%5c".to_owned()),
+                    Just("%00".to_owned()),
+                    Just("shop".to_owned()),
+                    Just("api".to_owned()),
+                    Just("credentials".to_owned()),
+                    "[a-z0-9]{1,3}",
+                    any::<char>().prop_map(String::from),
+                ],
+                0..24,
+            )
+            .prop_map(|parts| parts.concat()),
+            any::<String>(),
+        ]
+    }
+
+    fn table() -> Table {
+        let now = chrono::Utc::now();
+        let instances: BTreeMap<String, common::api::Instance> = [
+            ("shop", vec!["/store", "/api/x"]),
+            ("cart", vec!["/store/cart"]),
+        ]
+        .into_iter()
+        .map(|(service, routes)| {
+            let instance = common::api::Instance {
+                instance_id: format!("{service}-1"),
+                service: common::api::ServiceName::parse(service).unwrap(),
+                version: "1".into(),
+                address: "127.0.0.1".into(),
+                port: 9000,
+                health_endpoint: "/health".into(),
+                health: common::api::HealthState::Healthy,
+                load: None,
+                weight: 1,
+                tags: vec![],
+                metadata: serde_json::Map::new(),
+                routes: routes.into_iter().map(str::to_owned).collect(),
+                dependencies: vec![],
+                registered_at: now,
+                last_heartbeat_at: now,
+                health_since: now,
+                draining: false,
+                flapping: false,
+            };
+            (instance.instance_id.clone(), instance)
+        })
+        .collect();
+        Table::build(
+            &instances,
+            &[],
+            &Table::default(),
+            &BreakerConfig::default(),
+            0.2,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Whatever the path: no panic; an accepted path has no dot segment and no encoded
+        /// slash in any spelling; its route covers it; what goes upstream is a path.
+        #[test]
+        fn any_target_is_refused_or_routed_soundly(path in path(), query in proptest::option::of(any::<String>())) {
+            let table = table();
+            match check(&path, query.as_deref()) {
+                Err(_) => {}
+                Ok(()) => {
+                    prop_assert!(path.starts_with('/'));
+                    let lower = path.to_ascii_lowercase();
+                    prop_assert!(!lower.contains("%2f") && !lower.contains("%5c") && !lower.contains('\\'));
+                    for segment in lower.split('/') {
+                        let decoded = segment.replace("%2e", ".");
+                        prop_assert!(decoded != "." && decoded != "..", "{path}");
+                    }
+                    if let Some(route) = table.resolve(&path) {
+                        prop_assert!(is_under(&path, &route.prefix));
+                        let upstream = if route.strip { strip(&path, &route.prefix) } else { &path };
+                        prop_assert!(upstream.starts_with('/'));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -290,7 +290,10 @@ pub fn authority(address: &str, port: u16) -> Option<Authority> {
     // No user info or other surprises: exactly the host and port given.
     let exact = authority.as_str() == text
         && !address.contains('@')
-        && authority.host().trim_start_matches('[').trim_end_matches(']')
+        && authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
             == address.trim_start_matches('[').trim_end_matches(']');
     exact.then_some(authority)
 }

@@ -1,4 +1,11 @@
-//! The gateway as a process.
+//! The gateway as a process, in front of a real registry and vault.
+
+mod edge;
+mod limits;
+mod resilience;
+mod routing;
+mod streaming;
+mod support;
 
 use common::testing::check_binary_basics;
 

@@ -1,0 +1,309 @@
+//! The edge: header hygiene, tokens, bad input, and the gateway's own endpoints.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{Stack, Upstream};
+
+#[tokio::test]
+async fn hop_by_hop_headers_go_forged_identity_goes_request_ids_stay() {
+    let dir = testkit::TempDir::new("gateway-routes").unwrap();
+    let routes = dir.path().join("routes.json");
+    std::fs::write(
+        &routes,
+        r#"{"routes": [{"prefix": "/private", "require_token": true}]}"#,
+    )
+    .unwrap();
+    let stack = Stack::start(&[("ROUTES_FILE", routes.to_str().unwrap())]).await;
+    let echo = Upstream::start("echo").await;
+    stack.register("echo", "e-1", echo.port, json!({})).await;
+    stack.register("private", "p-1", echo.port, json!({})).await;
+    stack.wait_for("/echo/x", 200).await;
+    stack.wait_for("/private/x", 401).await;
+
+    let request = http::Request::get(stack.gateway.url("/echo/x"))
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("x-concierge-subject", "admin")
+        .header("x-request-id", "client-chosen-id-1")
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .header("x-forwarded-for", "203.0.113.9")
+        .body(bytes::Bytes::new())
+        .unwrap();
+    let answer = stack.client.send(request).await.unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("x-request-id"), Some("client-chosen-id-1"));
+    let seen = answer.json()["headers"].clone();
+    for gone in [
+        "x-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "x-concierge-subject",
+    ] {
+        assert!(
+            seen.get(gone).is_none(),
+            "{gone} reached the upstream: {seen:#}"
+        );
+    }
+    assert_eq!(seen["x-request-id"], "client-chosen-id-1");
+    assert_eq!(
+        seen["traceparent"],
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    );
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], stack.gateway.addr.to_string());
+
+    // Without an id the gateway makes one, and the upstream sees the same one.
+    let answer = stack.get("/echo/x").await;
+    let id = answer.header("x-request-id").unwrap().to_owned();
+    assert_eq!(answer.json()["headers"]["x-request-id"], id.as_str());
+
+    // A verified token's subject goes upstream, whatever the client claimed.
+    let token = stack.vault.issue("orders").await;
+    let request = http::Request::get(stack.gateway.url("/private/x"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-concierge-subject", "admin")
+        .body(bytes::Bytes::new())
+        .unwrap();
+    let answer = stack.client.send(request).await.unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json()["headers"]["x-concierge-subject"], "orders");
+    assert!(
+        !stack.gateway.output().contains(&token),
+        "a token reached the log"
+    );
+}
+
+#[tokio::test]
+async fn control_plane_routes_need_a_token_and_revocations_take_hold() {
+    let stack = Stack::start(&[]).await;
+    let anonymous = stack.get("/api/services").await;
+    assert_eq!(anonymous.status, 401);
+    assert_eq!(
+        anonymous.json()["type"],
+        "urn:concierge:problem:unauthenticated"
+    );
+    assert_eq!(anonymous.header("www-authenticate"), Some("Bearer"));
+    assert_eq!(
+        stack.get_as("/api/services", "not-a-token").await.status,
+        401
+    );
+    let listed = stack.get_as("/api/services", stack.admin()).await;
+    assert_eq!(listed.status, 200, "{:?}", listed.json());
+    assert!(
+        listed.json()["services"].is_array(),
+        "the registry answered"
+    );
+    let jwks = stack.get("/api/auth/jwks").await;
+    assert_eq!(jwks.status, 200, "the vault's public keys need no token");
+    assert!(jwks.json()["keys"].is_array());
+
+    let issued = common::testing::send_json(
+        &stack.client,
+        "POST",
+        &stack.vault.process.url("/api/tokens"),
+        Some(stack.admin()),
+        Some(json!({"service": "orders"})),
+    )
+    .await
+    .json();
+    let token = issued["token"].as_str().unwrap();
+    assert_eq!(
+        stack.get_as("/api/discover?service=x", token).await.status,
+        404
+    );
+    let revoked = common::testing::send_json(
+        &stack.client,
+        "DELETE",
+        &stack
+            .vault
+            .process
+            .url(&format!("/api/tokens/{}", issued["id"].as_str().unwrap())),
+        Some(stack.admin()),
+        None,
+    )
+    .await;
+    assert!(revoked.status.is_success());
+    // Without Redis the gateway learns it on its next resync (1 s here).
+    let started = std::time::Instant::now();
+    while stack.get_as("/api/discover?service=x", token).await.status != 401 {
+        assert!(started.elapsed() < Duration::from_secs(5), "still accepted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends raw bytes and reads the status line's code.
+async fn raw_status(stack: &Stack, request: &[u8]) -> u16 {
+    let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
+        .await
+        .unwrap();
+    socket.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let read = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buf)).await;
+        match read {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    text.split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"))
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_4xx_never_a_crash() {
+    let stack = Stack::start(&[]).await;
+    let echo = Upstream::start("echo").await;
+    stack.register("echo", "e-1", echo.port, json!({})).await;
+    stack.wait_for("/echo/x", 200).await;
+    let long_path = format!("GET /echo/{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(9000));
+    let huge_header = format!(
+        "GET /echo/x HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(100_000)
+    );
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        (
+            "dot segments",
+            b"GET /echo/../secret HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "encoded dots",
+            b"GET /echo/%2e%2e/secret HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "encoded slash",
+            b"GET /echo%2fx HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "broken encoding",
+            b"GET /echo/%zz HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "asterisk",
+            b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            400,
+        ),
+        ("overlong path", long_path.into_bytes(), 414),
+        ("huge header", huge_header.into_bytes(), 431),
+        (
+            "invalid method",
+            b"G(T /echo/x HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            400,
+        ),
+        ("garbage", b"\x16\x03\x01 hello\r\n\r\n".to_vec(), 400),
+        (
+            "bad content length",
+            b"POST /echo/x HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "declared body too big",
+            b"POST /echo/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n".to_vec(),
+            413,
+        ),
+    ];
+    for (what, request, expected) in cases {
+        assert_eq!(raw_status(&stack, &request).await, expected, "{what}");
+    }
+    assert_eq!(stack.get("/echo/x").await.status, 200, "still serving");
+    assert_eq!(stack.get("/health").await.status, 200);
+}
+
+#[tokio::test]
+async fn the_status_page_and_the_proxy_endpoint() {
+    let stack = Stack::start(&[]).await;
+    let echo = Upstream::start("echo").await;
+    stack
+        .register("echo", "e-1", echo.port, json!({"weight": 3}))
+        .await;
+    stack.wait_for("/echo/x", 200).await;
+
+    assert_eq!(stack.get("/api/gateway/status").await.status, 401);
+    let orders = stack.vault.issue("orders").await;
+    let status = stack.get_as("/api/gateway/status", &orders).await;
+    assert_eq!(
+        status.status, 200,
+        "a service token with discover may read it"
+    );
+    let status = stack.status().await;
+    let instance = crate::support::instance_status(&status, "echo", "e-1");
+    assert_eq!(instance["circuit"], "closed");
+    assert_eq!(instance["weight"], 3);
+    assert_eq!(instance["in_flight"], 0);
+    assert!(instance["requests"].as_u64().unwrap() >= 1);
+    assert!(
+        status["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["prefix"] == "/echo" && r["strip_prefix"] == true)
+    );
+
+    let proxied = common::testing::send_json(
+        &stack.client,
+        "POST",
+        &stack.gateway.url("/api/gateway/proxy"),
+        Some(&orders),
+        Some(json!({
+            "service": "echo", "method": "PUT", "path": "/things/1?dry=true",
+            "headers": {"x-custom": "yes", "x-concierge-subject": "admin"}, "body": {"k": 1},
+        })),
+    )
+    .await;
+    assert_eq!(proxied.status, 200, "{:?}", proxied.json());
+    let seen = proxied.json();
+    assert_eq!(seen["method"], "PUT");
+    assert_eq!(seen["path"], "/things/1?dry=true");
+    assert_eq!(seen["headers"]["x-custom"], "yes");
+    assert_eq!(seen["headers"]["x-concierge-subject"], "orders");
+    assert_eq!(seen["headers"]["content-type"], "application/json");
+
+    for (body, code) in [
+        (
+            json!({"service": "Not A Name", "method": "GET", "path": "/"}),
+            400,
+        ),
+        (
+            json!({"service": "echo", "method": "G T", "path": "/"}),
+            400,
+        ),
+        (
+            json!({"service": "echo", "method": "GET", "path": "/../x"}),
+            400,
+        ),
+        (
+            json!({"service": "echo", "method": "GET", "path": "/", "extra": 1}),
+            400,
+        ),
+        (
+            json!({"service": "nowhere", "method": "GET", "path": "/"}),
+            503,
+        ),
+    ] {
+        let answer = common::testing::send_json(
+            &stack.client,
+            "POST",
+            &stack.gateway.url("/api/gateway/proxy"),
+            Some(&orders),
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(answer.status, code, "{body}: {:?}", answer.json());
+    }
+}

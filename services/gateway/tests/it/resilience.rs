@@ -1,0 +1,149 @@
+//! Failures upstream: a killed instance, circuits that open and recover by themselves.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::testing::ServiceProcess;
+use serde_json::json;
+
+use crate::support::{GATEWAY, Stack, Upstream, get, instance_status, metric};
+
+#[tokio::test]
+async fn a_killed_instance_costs_no_failed_get_and_gets_nothing_once_its_circuit_is_open() {
+    // A long cool-down: the dead instance must not even be probed during the test.
+    let stack = Stack::start(&[("CIRCUIT_COOLDOWN", "5m"), ("CIRCUIT_MAX_COOLDOWN", "5m")]).await;
+    // Three real processes as the instances (gateways with no routes answer /health).
+    let mut instances = Vec::new();
+    for i in 0..3 {
+        let mut process = ServiceProcess::spawn(GATEWAY, &[]);
+        process.wait_healthy().await;
+        stack
+            .register("echo", &format!("e-{i}"), process.addr.port(), json!({}))
+            .await;
+        instances.push(process);
+    }
+    stack.wait_for("/echo/health", 200).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let client = stack.client.clone();
+        let gateway = stack.gateway.url("");
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let request = http::Request::get(format!("{gateway}/echo/health"))
+                    .body(bytes::Bytes::new())
+                    .unwrap();
+                match client.send(request).await {
+                    Ok(answer) if answer.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before_kill = ok.load(Ordering::Relaxed);
+    drop(instances.remove(1)); // SIGKILL
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let status = stack.status().await;
+    let dead = instance_status(&status, "echo", "e-1");
+    assert_eq!(dead["circuit"], "open", "{dead:#}");
+    let requests_when_open = dead["requests"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    let status = stack.status().await;
+    assert_eq!(
+        instance_status(&status, "echo", "e-1")["requests"]
+            .as_u64()
+            .unwrap(),
+        requests_when_open,
+        "the dead instance was sent requests after its circuit opened"
+    );
+    let total = ok.load(Ordering::Relaxed);
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "failed GETs ({total} succeeded)"
+    );
+    assert!(
+        total > before_kill + 100,
+        "the client kept going after the kill: {before_kill} → {total}"
+    );
+    let metrics = get(&stack.client, &stack.gateway, "/metrics", None).await;
+    let page = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert_eq!(
+        metric(
+            &page,
+            r#"concierge_gateway_circuit_state{instance="e-1",service="echo"}"#
+        ),
+        Some(2.0)
+    );
+}
+
+#[tokio::test]
+async fn a_circuit_opens_half_opens_and_closes_with_its_metric() {
+    let stack = Stack::start(&[
+        ("CIRCUIT_FAILURES", "3"),
+        ("CIRCUIT_COOLDOWN", "1s"),
+        ("CIRCUIT_PROBES", "2"),
+    ])
+    .await;
+    let flaky = Upstream::start("flaky").await;
+    stack.register("flaky", "f-1", flaky.port, json!({})).await;
+    stack.wait_for("/flaky/flaky", 200).await;
+    let state = || async {
+        let page = get(&stack.client, &stack.gateway, "/metrics", None).await;
+        metric(
+            &String::from_utf8_lossy(&page.body),
+            r#"concierge_gateway_circuit_state{instance="f-1",service="flaky"}"#,
+        )
+    };
+    assert_eq!(state().await, Some(0.0));
+
+    flaky.failing.store(true, Ordering::Relaxed);
+    for _ in 0..3 {
+        assert_eq!(
+            stack.get("/flaky/flaky").await.status,
+            500,
+            "passed through as it is"
+        );
+    }
+    assert_eq!(state().await, Some(2.0));
+    let hits = flaky.hits.load(Ordering::Relaxed);
+    let refused = stack.get("/flaky/flaky").await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(
+        flaky.hits.load(Ordering::Relaxed),
+        hits,
+        "an open circuit sends nothing"
+    );
+
+    // After the cool-down, probes go through; two successes close the circuit.
+    flaky.failing.store(false, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(stack.get("/flaky/flaky").await.status, 200);
+    assert_eq!(state().await, Some(1.0), "half-open after one good probe");
+    assert_eq!(stack.get("/flaky/flaky").await.status, 200);
+    assert_eq!(state().await, Some(0.0));
+    let page = get(&stack.client, &stack.gateway, "/metrics", None).await;
+    let page = String::from_utf8_lossy(&page.body).into_owned();
+    for (state, times) in [("open", 1.0), ("half_open", 1.0), ("closed", 1.0)] {
+        assert_eq!(
+            metric(
+                &page,
+                &format!(
+                    r#"concierge_gateway_circuit_transitions_total{{service="flaky",state="{state}"}}"#
+                )
+            ),
+            Some(times),
+            "{state}"
+        );
+    }
+}

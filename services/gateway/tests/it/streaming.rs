@@ -1,0 +1,160 @@
+//! Bodies stream both ways without being held whole; upgraded connections are left alone
+//! by route changes.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{Stack, Upstream};
+
+const TEN_MIB: usize = 10 * 1024 * 1024;
+
+/// The process's peak resident memory, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+#[tokio::test]
+async fn ten_mib_each_way_stream_through_in_little_memory() {
+    let stack = Stack::start(&[("MAX_BODY_BYTES", "16777216")]).await;
+    let files = Upstream::start("files").await;
+    stack.register("files", "f-1", files.port, json!({})).await;
+    stack.wait_for("/files/x", 200).await;
+    let client: Client<_, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+
+    for _ in 0..3 {
+        let upload = http::Request::post(stack.gateway.url("/files/upload"))
+            .body(Full::new(Bytes::from(vec![7u8; TEN_MIB])))
+            .unwrap();
+        let answer = client.request(upload).await.unwrap();
+        assert_eq!(answer.status(), 200);
+        let body = answer.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["received"], TEN_MIB);
+
+        let download = http::Request::get(stack.gateway.url(&format!("/files/bytes/{TEN_MIB}")))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let answer = client.request(download).await.unwrap();
+        assert_eq!(answer.status(), 200);
+        let mut body = answer.into_body();
+        let mut received = 0;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                received += data.len();
+            }
+        }
+        assert_eq!(received, TEN_MIB);
+    }
+    let peak = peak_rss(stack.gateway.pid());
+    assert!(
+        peak < 64 * 1024 * 1024,
+        "the gateway peaked at {} MiB",
+        peak / 1024 / 1024
+    );
+
+    // Over the limit: 413, whether the length is declared or the body is chunked. Raw
+    // sockets, because the gateway answers before the client has sent everything, and a
+    // client that stops at its first failed write would never read the answer.
+    let mut declared = tokio::net::TcpStream::connect(stack.gateway.addr)
+        .await
+        .unwrap();
+    declared
+        .write_all(b"POST /files/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 17825792\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_until(&mut declared, b"\r\n\r\n").await;
+    assert!(
+        head.starts_with(b"HTTP/1.1 413"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+
+    let mut chunked = tokio::net::TcpStream::connect(stack.gateway.addr)
+        .await
+        .unwrap();
+    chunked
+        .write_all(b"POST /files/upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    let mut chunk = b"100000\r\n".to_vec();
+    chunk.extend(vec![b'z'; 1024 * 1024]);
+    chunk.extend_from_slice(b"\r\n");
+    for _ in 0..17 {
+        if chunked.write_all(&chunk).await.is_err() {
+            break;
+        }
+    }
+    let head = read_until(&mut chunked, b"\r\n\r\n").await;
+    assert!(
+        head.starts_with(b"HTTP/1.1 413"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    assert!(
+        files.hits.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the upstream saw the uploads"
+    );
+}
+
+async fn read_until(stream: &mut tokio::net::TcpStream, needle: &[u8]) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !seen.windows(needle.len()).any(|w| w == needle) {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("no answer within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    seen
+}
+
+#[tokio::test]
+async fn an_upgraded_connection_survives_route_changes() {
+    let stack = Stack::start(&[]).await;
+    let chat = Upstream::start("chat").await;
+    stack.register("chat", "c-1", chat.port, json!({})).await;
+    stack.wait_for("/chat/x", 200).await;
+
+    let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
+        .await
+        .unwrap();
+    socket
+        .write_all(
+            b"GET /chat/ws HTTP/1.1\r\nHost: chat.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let head = read_until(&mut socket, b"\r\n\r\n").await;
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    socket.write_all(b"hello").await.unwrap();
+    read_until(&mut socket, b"hello").await;
+
+    // Other services come and go; each change rebuilds the route table.
+    let other = Upstream::start("other").await;
+    for round in 0..3 {
+        let id = format!("o-{round}");
+        stack.register("other", &id, other.port, json!({})).await;
+        stack.wait_for("/other/x", 200).await;
+        stack.deregister("other", &id).await;
+        stack.wait_for("/other/x", 404).await;
+        socket
+            .write_all(format!("round {round}").as_bytes())
+            .await
+            .unwrap();
+        read_until(&mut socket, format!("round {round}").as_bytes()).await;
+    }
+}

@@ -1,0 +1,383 @@
+//! A vault, a registry and a gateway as processes, and upstream instances served from the
+//! test itself (so that a test can see what reached them and change how they answer).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::client::{ClientResponse, HttpClient};
+use common::testing::{ServiceProcess, TestDb, VaultFixture, workspace_binary};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+
+pub const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
+
+/// The control plane for one test, with the gateway in front.
+pub struct Stack {
+    pub vault: VaultFixture,
+    pub registry: ServiceProcess,
+    pub gateway: ServiceProcess,
+    pub client: HttpClient,
+    redis: Option<String>,
+    _db: TestDb,
+}
+
+impl Stack {
+    /// Without Redis: the gateway learns changes on its resync (1 s here).
+    pub async fn start(gateway_env: &[(&str, &str)]) -> Self {
+        Self::start_inner(None, gateway_env).await
+    }
+
+    pub async fn with_redis(redis_url: &str, gateway_env: &[(&str, &str)]) -> Self {
+        Self::start_inner(Some(redis_url.to_owned()), gateway_env).await
+    }
+
+    async fn start_inner(redis: Option<String>, gateway_env: &[(&str, &str)]) -> Self {
+        let redis_env: Vec<(&str, &str)> = redis
+            .as_deref()
+            .map(|url| vec![("REDIS_URL", url)])
+            .unwrap_or_default();
+        let vault = VaultFixture::start_with(&redis_env).await;
+        let db = TestDb::sqlite();
+        let vault_url = vault.url();
+        let registry_token = vault.token_file("service-registry");
+        let mut env = vec![
+            ("DATABASE_URL", db.url.expose()),
+            ("VAULT_URL", vault_url.as_str()),
+            ("TOKEN_FILE", registry_token.to_str().unwrap()),
+            ("HEARTBEAT_INTERVAL", "10m"),
+            ("DEREGISTER_AFTER", "1h"),
+        ];
+        env.extend_from_slice(&redis_env);
+        let binary = workspace_binary("service-registry");
+        let mut registry = ServiceProcess::spawn(binary.to_str().unwrap(), &env);
+        registry.wait_healthy().await;
+        let client = HttpClient::new(Duration::from_secs(30));
+        let gateway =
+            spawn_gateway(&client, &vault, &registry, redis.as_deref(), gateway_env).await;
+        Self {
+            gateway,
+            vault,
+            registry,
+            client,
+            redis,
+            _db: db,
+        }
+    }
+
+    /// Another gateway process over the same registry (and Redis).
+    pub async fn spawn_gateway(&self, extra: &[(&str, &str)]) -> ServiceProcess {
+        spawn_gateway(
+            &self.client,
+            &self.vault,
+            &self.registry,
+            self.redis.as_deref(),
+            extra,
+        )
+        .await
+    }
+
+    pub fn admin(&self) -> &str {
+        self.vault.token("admin")
+    }
+
+    /// Registers an instance of `service` at `port` on 127.0.0.1; `extra` adds fields.
+    pub async fn register(&self, service: &str, id: &str, port: u16, extra: Value) {
+        let mut body = json!({
+            "name": service, "instance_id": id, "address": "127.0.0.1", "port": port,
+            "health_endpoint": "/health",
+        });
+        if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
+            body.extend(extra);
+        }
+        let url = self.registry.url("/api/services/register");
+        let answer =
+            common::testing::send_json(&self.client, "POST", &url, Some(self.admin()), Some(body))
+                .await;
+        assert_eq!(answer.status, 201, "{:?}", answer.json());
+    }
+
+    pub async fn deregister(&self, service: &str, id: &str) {
+        let url = self
+            .registry
+            .url(&format!("/api/services/{service}/instances/{id}"));
+        let answer =
+            common::testing::send_json(&self.client, "DELETE", &url, Some(self.admin()), None)
+                .await;
+        assert!(answer.status.is_success(), "{:?}", answer.json());
+    }
+
+    /// Sets an instance's health as the monitor would.
+    pub async fn set_health(&self, service: &str, id: &str, state: &str) {
+        let url = self
+            .registry
+            .url(&format!("/api/services/{service}/instances/{id}/health"));
+        let answer = common::testing::send_json(
+            &self.client,
+            "PUT",
+            &url,
+            Some(self.vault.token("health-monitor")),
+            Some(json!({"state": state, "reason": "test"})),
+        )
+        .await;
+        assert!(answer.status.is_success(), "{:?}", answer.json());
+    }
+
+    pub async fn get(&self, path: &str) -> ClientResponse {
+        get(&self.client, &self.gateway, path, None).await
+    }
+
+    pub async fn get_as(&self, path: &str, token: &str) -> ClientResponse {
+        get(&self.client, &self.gateway, path, Some(token)).await
+    }
+
+    /// Waits until `GET path` through the gateway answers `status`.
+    pub async fn wait_for(&self, path: &str, status: u16) -> Duration {
+        wait_for(&self.client, &self.gateway, path, status).await
+    }
+
+    pub async fn status(&self) -> Value {
+        let answer = self.get_as("/api/gateway/status", self.admin()).await;
+        assert_eq!(answer.status, 200, "{:?}", answer.json());
+        answer.json()
+    }
+}
+
+async fn spawn_gateway(
+    client: &HttpClient,
+    vault: &VaultFixture,
+    registry: &ServiceProcess,
+    redis: Option<&str>,
+    extra: &[(&str, &str)],
+) -> ServiceProcess {
+    let vault_url = vault.url();
+    let registry_url = registry.url("");
+    let token = vault.token_file("gateway");
+    let mut env = vec![
+        ("REGISTRY_URL", registry_url.as_str()),
+        ("VAULT_URL", vault_url.as_str()),
+        ("TOKEN_FILE", token.to_str().unwrap()),
+        ("RESYNC_INTERVAL", "1s"),
+    ];
+    if let Some(redis) = redis {
+        env.push(("REDIS_URL", redis));
+    }
+    for (key, value) in extra {
+        env.retain(|(k, _)| k != key);
+        env.push((key, value));
+    }
+    let mut gateway = ServiceProcess::spawn(GATEWAY, &env);
+    gateway.wait_healthy().await;
+    wait_ready(client, &gateway).await;
+    gateway
+}
+
+pub async fn get(
+    client: &HttpClient,
+    gateway: &ServiceProcess,
+    path: &str,
+    token: Option<&str>,
+) -> ClientResponse {
+    common::testing::send_json(client, "GET", &gateway.url(path), token, None).await
+}
+
+pub async fn wait_for(
+    client: &HttpClient,
+    gateway: &ServiceProcess,
+    path: &str,
+    status: u16,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let answer = get(client, gateway, path, None).await;
+        if answer.status == status {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "GET {path} still answers {} ({:?}), not {status}",
+            answer.status,
+            answer.json()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn wait_ready(client: &HttpClient, gateway: &ServiceProcess) {
+    let started = Instant::now();
+    while get(client, gateway, "/ready", None).await.status != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the gateway never became ready:\n{}",
+            gateway.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An upstream instance inside the test process.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub port: u16,
+    pub name: &'static str,
+    /// Requests it received.
+    pub hits: Arc<AtomicU64>,
+    /// While set, `/flaky` answers 500.
+    pub failing: Arc<AtomicBool>,
+}
+
+impl Upstream {
+    /// Serves:
+    /// - `/bytes/N`: N bytes, streamed in 64 KiB chunks;
+    /// - `/upload`: reads the body as it streams in and answers `{"received": N}`;
+    /// - `/status/N`: an empty answer with status N;
+    /// - `/flaky`: 500 while `failing` is set, else 200;
+    /// - `/ws`: a protocol upgrade, then echoes every byte;
+    /// - anything else: `{"instance", "method", "path", "headers"}` as JSON.
+    pub async fn start(name: &'static str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = Self {
+            port: listener.local_addr().unwrap().port(),
+            name,
+            hits: Arc::default(),
+            failing: Arc::default(),
+        };
+        let state = upstream.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(state.answer(req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        upstream
+    }
+
+    async fn answer(&self, mut req: Request<Incoming>) -> Response<common::hyper_server::Body> {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        let path = req.uri().path().to_owned();
+        if let Some(n) = path.strip_prefix("/bytes/") {
+            let total: usize = n.parse().unwrap();
+            let chunks = (0..total.div_ceil(65536)).map(move |i| {
+                let len = (total - i * 65536).min(65536);
+                Ok::<_, common::hyper_server::BoxError>(Frame::data(Bytes::from(vec![b'x'; len])))
+            });
+            let body = StreamBody::new(futures_util::stream::iter(chunks));
+            return Response::new(BodyExt::boxed(body));
+        }
+        if path == "/upload" {
+            let mut received = 0usize;
+            let mut body = req.into_body();
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.unwrap().into_data() {
+                    received += data.len();
+                }
+            }
+            return json_answer(StatusCode::OK, json!({ "received": received }));
+        }
+        if let Some(code) = path.strip_prefix("/status/") {
+            let mut response = Response::new(common::hyper_server::full(Bytes::new()));
+            *response.status_mut() = StatusCode::from_u16(code.parse().unwrap()).unwrap();
+            return response;
+        }
+        if path == "/flaky" {
+            let status = if self.failing.load(Ordering::Relaxed) {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::OK
+            };
+            return json_answer(status, json!({ "instance": self.name }));
+        }
+        if path == "/ws" {
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let Ok(upgraded) = upgrade.await else { return };
+                let (mut reader, mut writer) = tokio::io::split(TokioIo::new(upgraded));
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            });
+            let mut response = Response::new(common::hyper_server::full(Bytes::new()));
+            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            response
+                .headers_mut()
+                .insert("upgrade", "websocket".parse().unwrap());
+            response
+                .headers_mut()
+                .insert("connection", "upgrade".parse().unwrap());
+            return response;
+        }
+        let headers: serde_json::Map<String, Value> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+                )
+            })
+            .collect();
+        let path_and_query = req
+            .uri()
+            .path_and_query()
+            .map_or(path.clone(), |pq| pq.as_str().to_owned());
+        json_answer(
+            StatusCode::OK,
+            json!({
+                "instance": self.name,
+                "method": req.method().as_str(),
+                "path": path_and_query,
+                "headers": headers,
+            }),
+        )
+    }
+}
+
+fn json_answer(status: StatusCode, body: Value) -> Response<common::hyper_server::Body> {
+    let mut response = Response::new(BodyExt::boxed(
+        Full::new(Bytes::from(body.to_string())).map_err(|never| match never {}),
+    ));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    response
+}
+
+/// A metric's value in a Prometheus text page (the first series whose line starts so).
+pub fn metric(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find(|line| line.starts_with(series))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+/// The instance named `id` of `service` on the status page.
+pub fn instance_status<'a>(status: &'a Value, service: &str, id: &str) -> &'a Value {
+    status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == service)
+        .and_then(|s| {
+            s["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|i| i["instance_id"] == id)
+        })
+        .unwrap_or_else(|| panic!("no {service}/{id} in {status:#}"))
+}
