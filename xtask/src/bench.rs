@@ -10,12 +10,16 @@ use testkit::PgCluster;
 
 use crate::{cargo, http, install, repo_root};
 
-const USAGE: &str = "usage: cargo xtask bench vault|registry [--seconds N] [--connections N]";
+mod gateway;
+
+const USAGE: &str =
+    "usage: cargo xtask bench vault|registry|gateway [--seconds N] [--connections N]";
 
 pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("vault") => vault(&Options::parse(&args[1..])?),
         Some("registry") => registry(&Options::parse(&args[1..])?),
+        Some("gateway") => gateway::run(&Options::parse(&args[1..])?),
         _ => bail!("{USAGE}"),
     }
 }
@@ -101,6 +105,9 @@ struct Load {
 
 fn wrk(url: &str, connections: u32, seconds: u64, headers: &[String]) -> Result<Load> {
     let mut command = Command::new("wrk");
+    if connections > 1000 {
+        command.args(["--timeout", "10s"]);
+    }
     command.args([
         "-t",
         "2",
@@ -120,13 +127,18 @@ fn wrk(url: &str, connections: u32, seconds: u64, headers: &[String]) -> Result<
             .and_then(|rest| rest.split_whitespace().next().map(str::to_owned))
             .and_then(|value| parse_duration_ms(&value).or_else(|| value.parse().ok()))
     };
+    // `Non-2xx or 3xx responses: N` and `Socket errors: connect A, read B, write C, timeout D`.
     let errors = out
         .lines()
         .filter_map(|line| {
             let line = line.trim();
             line.strip_prefix("Non-2xx or 3xx responses:")
-                .or_else(|| line.strip_prefix("Socket errors:").map(|_| "1"))
-                .and_then(|n| n.trim().parse::<u64>().ok())
+                .or_else(|| line.strip_prefix("Socket errors:"))
+        })
+        .flat_map(|rest| {
+            rest.split([',', ' '])
+                .filter_map(|word| word.parse::<u64>().ok())
+                .collect::<Vec<_>>()
         })
         .sum();
     Ok(Load {

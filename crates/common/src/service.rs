@@ -64,10 +64,16 @@ pub fn main<S: Service>() -> ExitCode {
     }
 }
 
-/// A multi-threaded runtime for a subcommand or the server.
+/// A multi-threaded runtime for a subcommand.
 pub fn runtime(name: &str) -> Option<tokio::runtime::Runtime> {
+    runtime_with(name, 2)
+}
+
+/// A multi-threaded runtime with `threads` workers (`HTTP_WORKERS` for the server: the
+/// hyper stack serves on the runtime's own threads).
+fn runtime_with(name: &str, threads: usize) -> Option<tokio::runtime::Runtime> {
     match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(threads)
         .enable_all()
         .build()
     {
@@ -92,7 +98,7 @@ fn serve<S: Service>(env: &Env) -> ExitCode {
             return ExitCode::from(EXIT_START);
         }
     };
-    let Some(runtime) = runtime(S::NAME) else {
+    let Some(runtime) = runtime_with(S::NAME, common.http_workers) else {
         return ExitCode::from(EXIT_START);
     };
     tracing::info!(service = S::NAME, version = env!("CARGO_PKG_VERSION"), %listen_addr, "starting");

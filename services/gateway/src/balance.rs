@@ -139,7 +139,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::breaker::{BreakerConfig, Outcome};
+    use crate::breaker::Outcome;
     use crate::table::Table;
 
     fn pool(states: &[(HealthState, u32)]) -> std::sync::Arc<Pool> {
@@ -178,8 +178,7 @@ mod tests {
             &instances,
             &[],
             &Table::default(),
-            &BreakerConfig::default(),
-            0.2,
+            &crate::table::PoolSettings::default(),
         );
         table.pool("shop").unwrap().clone()
     }

@@ -74,6 +74,9 @@ pub struct Config {
     pub panic_threshold: u8,
     /// `RETRY_BUDGET`: retries allowed as a fraction of requests (0.2 = 20 % extra load).
     pub retry_budget: f64,
+    /// `UPSTREAM_MAX_CONNECTIONS`: requests open to one instance at once (each holds a
+    /// connection); more wait for a turn within their timeout.
+    pub upstream_max_connections: usize,
     /// `ACCESS_LOG_SAMPLE`: the fraction of successful requests written to the access log
     /// (errors always are).
     pub access_log_sample: f64,
@@ -115,6 +118,13 @@ impl Config {
         if !(0.0..=1.0).contains(&retry_budget) {
             return Err(ConfigError::new("RETRY_BUDGET", "is a fraction, 0 to 1"));
         }
+        let upstream_max_connections: usize = env.or("UPSTREAM_MAX_CONNECTIONS", 1024)?;
+        if upstream_max_connections == 0 {
+            return Err(ConfigError::new(
+                "UPSTREAM_MAX_CONNECTIONS",
+                "must be at least 1",
+            ));
+        }
         let access_log_sample: f64 = env.or("ACCESS_LOG_SAMPLE", 1.0)?;
         if !(0.0..=1.0).contains(&access_log_sample) {
             return Err(ConfigError::new(
@@ -138,10 +148,19 @@ impl Config {
             breaker: BreakerConfig::from_env(env)?,
             panic_threshold,
             retry_budget,
+            upstream_max_connections,
             access_log_sample,
             server,
             common,
         })
+    }
+
+    pub fn pool_settings(&self) -> crate::table::PoolSettings {
+        crate::table::PoolSettings {
+            breaker: self.breaker.clone(),
+            retry_ratio: self.retry_budget,
+            max_connections: self.upstream_max_connections,
+        }
     }
 
     /// The policy for `path`: the longest matching prefix of the routes file, else the defaults.

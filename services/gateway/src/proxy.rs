@@ -114,20 +114,28 @@ pub struct Answered {
 
 /// Counts a request in flight on an instance until the response body ends (or the
 /// upgraded connection closes), for least-outstanding balancing and the status page.
+/// It holds one of the instance's connection slots as long.
 #[derive(Debug)]
-pub struct InFlight(Arc<Live>);
+pub struct InFlight {
+    live: Arc<Live>,
+    /// Released on drop, after the count.
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
 
 impl InFlight {
-    fn start(live: &Arc<Live>) -> Self {
+    fn start(live: &Arc<Live>, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
         live.in_flight.fetch_add(1, Ordering::Relaxed);
         live.requests.fetch_add(1, Ordering::Relaxed);
-        Self(live.clone())
+        Self {
+            live: live.clone(),
+            _slot: slot,
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.live.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -190,12 +198,22 @@ pub async fn forward(
         };
         let body = outgoing.body.take();
         let request = upstream_request(&outgoing, endpoint, body)?;
-        let guard = InFlight::start(&endpoint.live);
         let started = Instant::now();
-        let answer = tokio::time::timeout(policy.timeout, client.request(request)).await;
+        // The wait for a free connection slot counts against the request's timeout.
+        let answer = tokio::time::timeout(policy.timeout, async {
+            let slot = endpoint.live.slots.clone().acquire_owned().await.ok()?;
+            let guard = InFlight::start(&endpoint.live, slot);
+            Some((client.request(request).await, guard))
+        })
+        .await;
         let elapsed = started.elapsed();
+        let answer = match answer {
+            Ok(Some((answer, guard))) => Ok((answer, guard)),
+            Ok(None) => return Err(GatewayError::Internal("an instance's slots closed".into())),
+            Err(elapsed) => Err(elapsed),
+        };
         let attempt_error = match answer {
-            Ok(Ok(mut response)) => {
+            Ok((Ok(mut response), guard)) => {
                 let status = response.status();
                 let outcome = if status.is_server_error() {
                     Outcome::Failure
@@ -237,7 +255,7 @@ pub async fn forward(
                     cause: "answered 503".into(),
                 }
             }
-            Ok(Err(error)) => {
+            Ok((Err(error), _guard)) => {
                 if caused_by_body_limit(&error) {
                     return Err(GatewayError::BodyTooLarge(cx.body_limit));
                 }

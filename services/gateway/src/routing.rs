@@ -194,7 +194,6 @@ mod properties {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::breaker::BreakerConfig;
     use crate::table::Table;
 
     /// Paths built from the characters that matter to routing, plus anything at all.
@@ -258,8 +257,7 @@ mod properties {
             &instances,
             &[],
             &Table::default(),
-            &BreakerConfig::default(),
-            0.2,
+            &crate::table::PoolSettings::default(),
         )
     }
 

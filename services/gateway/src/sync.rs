@@ -134,8 +134,7 @@ pub fn rebuild(shared: &Shared, instances: &BTreeMap<String, Instance>, cause: &
         instances,
         &shared.statics,
         &previous,
-        &shared.config.breaker,
-        shared.config.retry_budget,
+        &shared.config.pool_settings(),
     );
     let before: HashSet<_> = previous.instance_keys().into_iter().collect();
     let after: HashSet<_> = table.instance_keys().into_iter().collect();

@@ -39,22 +39,45 @@ fn is_control_plane(service: &str) -> bool {
     )
 }
 
+/// How pools are built.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub breaker: BreakerConfig,
+    /// Retries per request a service's budget allows.
+    pub retry_ratio: f64,
+    /// Requests (so connections) open to one instance at once; more wait their turn.
+    pub max_connections: usize,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            breaker: BreakerConfig::default(),
+            retry_ratio: 0.2,
+            max_connections: 1024,
+        }
+    }
+}
+
 /// What an instance's state looks like across table rebuilds.
 #[derive(Debug)]
 pub struct Live {
     pub in_flight: AtomicU32,
     pub requests: AtomicU64,
     pub failures: AtomicU64,
+    /// One permit per connection the instance may be sent at once.
+    pub slots: Arc<tokio::sync::Semaphore>,
     breaker: Mutex<Breaker>,
 }
 
 impl Live {
-    fn new(config: BreakerConfig) -> Self {
+    fn new(settings: &PoolSettings) -> Self {
         Self {
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
-            breaker: Mutex::new(Breaker::new(config, Instant::now())),
+            slots: Arc::new(tokio::sync::Semaphore::new(settings.max_connections)),
+            breaker: Mutex::new(Breaker::new(settings.breaker.clone(), Instant::now())),
         }
     }
 
@@ -125,8 +148,7 @@ impl Table {
         instances: &BTreeMap<String, Instance>,
         statics: &[StaticUpstream],
         previous: &Table,
-        breaker: &BreakerConfig,
-        retry_ratio: f64,
+        settings: &PoolSettings,
     ) -> Self {
         let mut by_service: BTreeMap<&str, Vec<Endpoint>> = BTreeMap::new();
         let mut declared: BTreeMap<String, &str> = BTreeMap::new();
@@ -142,7 +164,7 @@ impl Table {
             };
             let live = previous
                 .live(service, &instance.instance_id)
-                .unwrap_or_else(|| Arc::new(Live::new(breaker.clone())));
+                .unwrap_or_else(|| Arc::new(Live::new(settings)));
             by_service.entry(service).or_default().push(Endpoint {
                 instance_id: instance.instance_id.as_str().into(),
                 address: instance.address.clone(),
@@ -186,7 +208,7 @@ impl Table {
                     draining: false,
                     live: previous
                         .live(fixed.service, id)
-                        .unwrap_or_else(|| Arc::new(Live::new(breaker.clone()))),
+                        .unwrap_or_else(|| Arc::new(Live::new(settings))),
                 }]
             });
         }
@@ -195,7 +217,7 @@ impl Table {
         for (service, endpoints) in by_service {
             let service: Arc<str> = service.into();
             let budget = previous.pools.get(&service).map_or_else(
-                || Arc::new(RetryBudget::new(retry_ratio)),
+                || Arc::new(RetryBudget::new(settings.retry_ratio)),
                 |p| p.budget.clone(),
             );
             let wheel = wheel(&endpoints.iter().map(|e| e.weight).collect::<Vec<_>>());
@@ -364,7 +386,7 @@ mod tests {
             .into_iter()
             .map(|i| (i.instance_id.clone(), i))
             .collect();
-        Table::build(&map, &[], previous, &BreakerConfig::default(), 0.2)
+        Table::build(&map, &[], previous, &PoolSettings::default())
     }
 
     #[test]

@@ -1,0 +1,301 @@
+//! `cargo xtask bench gateway`: one upstream (nginx answering a small body), loaded
+//! directly and through nginx as a reverse proxy (1 worker), HAProxy (1 thread) and the
+//! gateway (1 worker thread), each with wrk and 64 keep-alive connections; then the
+//! gateway alone at 10,000 concurrent connections.
+//!
+//! Besides requests per second and latency it prints requests per CPU-second of each
+//! proxy's own process (from /proc before and after), which is what "faster per CPU"
+//! means on a machine that wrk, the upstream and the proxy share.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use super::{Guard, Load, Options, release_binary, spawn_service, start_vault, wrk};
+use crate::{http, install};
+
+const BODY: &str = "hello from the upstream\\n";
+
+pub fn run(options: &Options) -> Result<()> {
+    install::ensure(
+        "the gateway benchmark",
+        &[
+            ("wrk", install::on_path("wrk")),
+            ("nginx", Path::new("/usr/sbin/nginx").exists()),
+            ("haproxy", Path::new("/usr/sbin/haproxy").exists()),
+        ],
+    )?;
+    raise_file_limit()?;
+    let vault_binary = release_binary("credential-vault")?;
+    let registry_binary = release_binary("service-registry")?;
+    let gateway_binary = release_binary("gateway")?;
+    let work = testkit::TempDir::new("concierge-bench")?;
+    let dir = work.path();
+
+    let upstream_port = testkit::free_port()?;
+    let _upstream = nginx(
+        dir,
+        "upstream",
+        &format!(
+            "server {{ listen 127.0.0.1:{upstream_port} backlog=65535; keepalive_requests 10000000; location / {{ default_type text/plain; return 200 \"{BODY}\"; }} }}"
+        ),
+    )?;
+    let nginx_port = testkit::free_port()?;
+    let nginx_proxy = nginx(
+        dir,
+        "proxy",
+        &format!(
+            "upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 256; keepalive_requests 10000000; }}\n\
+             server {{ listen 127.0.0.1:{nginx_port} backlog=65535; keepalive_requests 10000000;\n\
+             location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
+        ),
+    )?;
+    let haproxy_port = testkit::free_port()?;
+    let haproxy = haproxy(dir, haproxy_port, upstream_port)?;
+
+    // The gateway routes from a real registry, which learns the upstream from a registration.
+    let (_vault, vault_port, tokens) = start_vault(
+        &vault_binary,
+        &format!("sqlite://{}/vault.db", dir.display()),
+        dir,
+        &[],
+    )?;
+    let vault_url = format!("http://127.0.0.1:{vault_port}");
+    let registry_port = testkit::free_port()?;
+    let registry_db = format!("sqlite://{}/registry.db", dir.display());
+    let registry_token = tokens.join("service-registry-token");
+    let _registry = spawn_service(
+        &registry_binary,
+        registry_port,
+        &[
+            ("DATABASE_URL", registry_db.as_str()),
+            ("VAULT_URL", vault_url.as_str()),
+            ("TOKEN_FILE", registry_token.to_str().unwrap_or_default()),
+            ("HEARTBEAT_INTERVAL", "1h"),
+        ],
+        &[],
+    )?;
+    let admin = std::fs::read_to_string(tokens.join("admin-token"))?;
+    let admin_header = format!("Bearer {}", admin.trim());
+    let registration = format!(
+        r#"{{"name":"bench","instance_id":"bench-1","address":"127.0.0.1","port":{upstream_port},"health_endpoint":"/"}}"#
+    );
+    let (status, answer) = http::request(
+        registry_port,
+        "POST",
+        "/api/services/register",
+        &[("Authorization", &admin_header)],
+        Some(&registration),
+    )?;
+    if status != 201 {
+        bail!("registering the upstream failed: {status} {answer}");
+    }
+    let gateway_port = testkit::free_port()?;
+    let registry_url = format!("http://127.0.0.1:{registry_port}");
+    let gateway_token = tokens.join("gateway-token");
+    let gateway = spawn_service(
+        &gateway_binary,
+        gateway_port,
+        &[
+            ("REGISTRY_URL", registry_url.as_str()),
+            ("VAULT_URL", vault_url.as_str()),
+            ("TOKEN_FILE", gateway_token.to_str().unwrap_or_default()),
+            ("HTTP_WORKERS", "1"),
+        ],
+        &[],
+    )?;
+    let started = Instant::now();
+    while http::status(gateway_port, "/bench/") != Some(200) {
+        if started.elapsed() > Duration::from_secs(15) {
+            bail!("the gateway never routed /bench/");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let targets = [
+        (
+            "upstream direct",
+            format!("http://127.0.0.1:{upstream_port}/"),
+            None,
+        ),
+        (
+            "nginx proxy (1 worker)",
+            format!("http://127.0.0.1:{nginx_port}/"),
+            Some(nginx_proxy.0.id()),
+        ),
+        (
+            "HAProxy (1 thread)",
+            format!("http://127.0.0.1:{haproxy_port}/"),
+            Some(haproxy.0.id()),
+        ),
+        (
+            "gateway (1 thread)",
+            format!("http://127.0.0.1:{gateway_port}/bench/"),
+            Some(gateway.0.id()),
+        ),
+    ];
+    println!(
+        "gateway bench: wrk 2 threads, 64 keep-alive connections, {} s per target after a 2 s warm-up; 2 cores shared by all",
+        options.seconds
+    );
+    let mut results = Vec::new();
+    for (name, url, pid) in &targets {
+        wrk(url, 64, 2, &[])?;
+        let cpu_before = pid.map(cpu_seconds).transpose()?;
+        let load = wrk(url, 64, options.seconds, &[])?;
+        let cpu = match (pid, cpu_before) {
+            (Some(pid), Some(before)) => Some(cpu_seconds(*pid)? - before),
+            _ => None,
+        };
+        print_line(name, &load, cpu, options.seconds);
+        results.push((load, cpu));
+    }
+    let per_cpu = |i: usize| {
+        let (load, cpu) = &results[i];
+        cpu.map(|cpu| load.requests_per_second * options.seconds as f64 / cpu.max(1e-3))
+    };
+    if let (Some(gateway), Some(nginx), Some(haproxy)) = (per_cpu(3), per_cpu(1), per_cpu(2)) {
+        println!(
+            "ratio gateway ÷ nginx, requests per CPU-second:   {:.2} (target ≥ 1.1)",
+            gateway / nginx
+        );
+        println!(
+            "ratio gateway ÷ HAProxy, requests per CPU-second: {:.2}",
+            gateway / haproxy
+        );
+    }
+    println!(
+        "p99 gateway {:.2} ms vs nginx {:.2} ms (target: at most nginx's)",
+        results[3].0.p99_ms, results[1].0.p99_ms
+    );
+
+    let connections = 10_000;
+    let url = &targets[3].1;
+    let crowd = wrk(url, connections, options.seconds, &[])?;
+    println!(
+        "gateway at {connections} concurrent connections: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors (target 0)",
+        crowd.requests_per_second, crowd.p50_ms, crowd.p99_ms, crowd.errors
+    );
+    Ok(())
+}
+
+fn print_line(name: &str, load: &Load, cpu: Option<f64>, seconds: u64) {
+    let efficiency = cpu.map_or_else(
+        || "-".to_owned(),
+        |cpu| {
+            format!(
+                "{:.0} req per CPU-s ({cpu:.2} CPU-s)",
+                load.requests_per_second * seconds as f64 / cpu.max(1e-3)
+            )
+        },
+    );
+    println!(
+        "{name:<24} {:>8.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors, {efficiency}",
+        load.requests_per_second, load.p50_ms, load.p99_ms, load.errors
+    );
+}
+
+/// User plus system CPU time of a process so far, in seconds (from /proc/PID/stat).
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    // The command name may hold spaces; the fields after its closing parenthesis do not.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+    let ticks: f64 = fields
+        .get(11..13)
+        .context("short /proc stat line")?
+        .iter()
+        .map(|f| f.parse::<f64>().unwrap_or(0.0))
+        .sum();
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    Ok(ticks / per_second)
+}
+
+/// Lets this process and its children (wrk, the proxies) hold 10,000 connections and more.
+fn raise_file_limit() -> Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    const WANTED: u64 = 200_000;
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    // Root may raise the hard limit too; anyone may raise the soft one up to it.
+    if setrlimit(Resource::RLIMIT_NOFILE, WANTED, WANTED.max(hard)).is_ok() {
+        return Ok(());
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    // wrk's 10,000 connections in one process; the gateway's 10,000 clients and at most
+    // UPSTREAM_MAX_CONNECTIONS (1024) to the upstream in another.
+    if hard < 12_000 {
+        bail!("the open-file limit is {hard}; the benchmark needs 12,000 (raise ulimit -Hn)");
+    }
+    Ok(())
+}
+
+/// An nginx in the foreground as one process (master_process off): its pid is the worker.
+fn nginx(dir: &Path, name: &str, server: &str) -> Result<Guard> {
+    let conf = dir.join(format!("nginx-{name}.conf"));
+    let tmp = dir.join(format!("nginx-{name}"));
+    std::fs::create_dir_all(&tmp)?;
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\nworker_rlimit_nofile 20000;\npid {tmp}/nginx.pid;\nerror_log {tmp}/error.log crit;\n\
+             events {{ worker_connections 19000; }}\n\
+             http {{ access_log off;\n\
+             client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp}; uwsgi_temp_path {tmp}; scgi_temp_path {tmp};\n\
+             {server} }}\n",
+            tmp = tmp.display(),
+        ),
+    )?;
+    let guard = Guard(
+        Command::new("/usr/sbin/nginx")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start nginx")?,
+    );
+    let port = server
+        .split("listen 127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split([' ', ';']).next())
+        .and_then(|port| port.parse().ok())
+        .context("no port in the nginx server block")?;
+    testkit::wait_for_port(port, Duration::from_secs(10))?;
+    Ok(guard)
+}
+
+/// HAProxy with one thread, keep-alive both ways, no logging (as nginx has none).
+fn haproxy(dir: &Path, port: u16, upstream_port: u16) -> Result<Guard> {
+    let conf = dir.join("haproxy.cfg");
+    std::fs::write(
+        &conf,
+        format!(
+            "global\n  nbthread 1\n  maxconn 9000\n\
+             defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n\
+             frontend in\n  bind 127.0.0.1:{port}\n  default_backend up\n\
+             backend up\n  server one 127.0.0.1:{upstream_port} maxconn 9000\n"
+        ),
+    )?;
+    let guard = Guard(
+        Command::new("/usr/sbin/haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start HAProxy")?,
+    );
+    testkit::wait_for_port(port, Duration::from_secs(10))?;
+    Ok(guard)
+}
