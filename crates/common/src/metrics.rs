@@ -48,7 +48,7 @@ pub fn register<M: prometheus::core::Collector + Clone + 'static>(
 pub struct HttpMetrics {
     /// Requests served, by route template, method and status code.
     requests: IntCounterVec,
-    /// Time from request head to response head, by route template and method.
+    /// Time from request head to response head, by route template, method and status class.
     duration: HistogramVec,
     /// Requests being served right now.
     in_flight: IntGauge,
@@ -72,10 +72,10 @@ impl HttpMetrics {
                 HistogramVec::new(
                     HistogramOpts::new(
                         "concierge_http_request_duration_seconds",
-                        "Time to serve an HTTP request until its response head, by route template and method.",
+                        "Time to serve an HTTP request until its response head, by route template, method and status class (2xx, 4xx, 5xx…).",
                     )
                     .buckets(LATENCY_BUCKETS.to_vec()),
-                    &["route", "method"],
+                    &["route", "method", "status_class"],
                 )?,
             )?,
             in_flight: register(
@@ -98,7 +98,7 @@ impl HttpMetrics {
             .with_label_values(&[route, method, status_label(status)])
             .inc();
         self.duration
-            .with_label_values(&[route, method])
+            .with_label_values(&[route, method, status_class(status)])
             .observe(elapsed.as_secs_f64());
     }
 }
@@ -122,6 +122,17 @@ fn status_label(status: u16) -> &'static str {
         503 => "503",
         504 => "504",
         100..=599 => LABELS[usize::from(status / 100 - 1)],
+        _ => "other",
+    }
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
         _ => "other",
     }
 }
@@ -159,6 +170,9 @@ mod tests {
         ));
         assert!(text.contains(r#"status="4xx"} 1"#), "{text}");
         assert!(text.contains("concierge_http_requests_in_flight 0"));
+        assert!(text.contains(
+            r#"concierge_http_request_duration_seconds_count{method="GET",route="/api/things/{id}",status_class="4xx"} 2"#
+        ), "{text}");
         assert!(text.contains("process_resident_memory_bytes"));
     }
 }

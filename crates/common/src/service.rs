@@ -72,11 +72,15 @@ pub fn runtime(name: &str) -> Option<tokio::runtime::Runtime> {
 /// A multi-threaded runtime with `threads` workers (`HTTP_WORKERS` for the server: the
 /// hyper stack serves on the runtime's own threads).
 fn runtime_with(name: &str, threads: usize) -> Option<tokio::runtime::Runtime> {
-    match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-    {
+    // One thread: the current-thread scheduler, which skips work stealing altogether.
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    match builder.enable_all().build() {
         Ok(runtime) => Some(runtime),
         Err(error) => {
             eprintln!("{name}: cannot start the async runtime: {error}");

@@ -11,8 +11,6 @@ use http::Method;
 use http_body::Frame;
 use http_body_util::BodyExt;
 
-use crate::metrics::GatewayMetrics;
-
 /// What the line says, gathered while the request was served.
 #[derive(Debug)]
 pub struct Entry {
@@ -25,17 +23,20 @@ pub struct Entry {
     pub status: u16,
     pub request_id: Arc<str>,
     pub started: Instant,
-    /// Whether to write the line (the metrics count every request regardless).
+    /// Whether to write the line.
     pub write: bool,
 }
 
-/// Wraps a response body so that the entry is written once the body is done.
-pub fn wrap(body: Body, entry: Entry, metrics: GatewayMetrics) -> Body {
+/// Wraps a response body so that the entry is written once the body is done; a body
+/// whose line is not to be written goes through untouched.
+pub fn wrap(body: Body, entry: Entry) -> Body {
+    if !entry.write {
+        return body;
+    }
     Logged {
         inner: body,
         bytes: 0,
         entry: Some(entry),
-        metrics,
     }
     .boxed()
 }
@@ -44,7 +45,6 @@ struct Logged {
     inner: Body,
     bytes: u64,
     entry: Option<Entry>,
-    metrics: GatewayMetrics,
 }
 
 impl Logged {
@@ -52,10 +52,6 @@ impl Logged {
         let Some(entry) = self.entry.take() else {
             return;
         };
-        self.metrics.response_bytes(&entry.route, self.bytes);
-        if !entry.write {
-            return;
-        }
         tracing::info!(
             target: "access",
             request_id = &*entry.request_id,

@@ -179,6 +179,7 @@ mod tests {
             &[],
             &Table::default(),
             &crate::table::PoolSettings::default(),
+            &crate::metrics::GatewayMetrics::new(&prometheus::Registry::new()).unwrap(),
         );
         table.pool("shop").unwrap().clone()
     }

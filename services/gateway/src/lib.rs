@@ -236,7 +236,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         started,
         write,
     };
-    response.map(|body| access::wrap(body, entry, shared.metrics.clone()))
+    response.map(|body| access::wrap(body, entry))
 }
 
 fn truncate(text: &str, max: usize) -> String {

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use common::metrics::{LATENCY_BUCKETS, register};
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use crate::breaker::CircuitState;
@@ -32,8 +33,6 @@ pub struct GatewayMetrics {
     table_updates: IntCounterVec,
     /// Instances in the route table.
     instances: IntGauge,
-    /// Response body bytes sent to clients, by route.
-    response_bytes: IntCounterVec,
 }
 
 impl GatewayMetrics {
@@ -105,21 +104,23 @@ impl GatewayMetrics {
                     "Instances in the route table.",
                 )?,
             )?,
-            response_bytes: counter(
-                "concierge_gateway_response_bytes_total",
-                "Response body bytes sent to clients, by route.",
-                &["route"],
-            )?,
         })
     }
 
-    pub fn upstream(&self, service: &str, outcome: &str, elapsed: Duration) {
-        self.upstream_attempts
-            .with_label_values(&[service, outcome])
-            .inc();
-        self.upstream_duration
-            .with_label_values(&[service])
-            .observe(elapsed.as_secs_f64());
+    /// One service's series, looked up once per route-table build rather than per request.
+    pub fn for_service(&self, service: &str) -> ServiceMetrics {
+        let attempts = |outcome: &str| {
+            self.upstream_attempts
+                .with_label_values(&[service, outcome])
+        };
+        ServiceMetrics {
+            ok: attempts("ok"),
+            status_5xx: attempts("status_5xx"),
+            connect: attempts("connect"),
+            reset: attempts("reset"),
+            timeout: attempts("timeout"),
+            duration: self.upstream_duration.with_label_values(&[service]),
+        }
     }
 
     pub fn retried(&self, service: &str, reason: &str) {
@@ -163,10 +164,39 @@ impl GatewayMetrics {
         self.instances
             .set(i64::try_from(instances).unwrap_or(i64::MAX));
     }
+}
 
-    pub fn response_bytes(&self, route: &str, bytes: u64) {
-        self.response_bytes
-            .with_label_values(&[route])
-            .inc_by(bytes);
+/// How an attempt upstream ended, for [`ServiceMetrics::upstream`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    Ok,
+    Status5xx,
+    Connect,
+    Reset,
+    Timeout,
+}
+
+/// A service's upstream series, resolved ahead of time.
+#[derive(Debug, Clone)]
+pub struct ServiceMetrics {
+    ok: IntCounter,
+    status_5xx: IntCounter,
+    connect: IntCounter,
+    reset: IntCounter,
+    timeout: IntCounter,
+    duration: Histogram,
+}
+
+impl ServiceMetrics {
+    pub fn upstream(&self, attempt: Attempt, elapsed: Duration) {
+        match attempt {
+            Attempt::Ok => &self.ok,
+            Attempt::Status5xx => &self.status_5xx,
+            Attempt::Connect => &self.connect,
+            Attempt::Reset => &self.reset,
+            Attempt::Timeout => &self.timeout,
+        }
+        .inc();
+        self.duration.observe(elapsed.as_secs_f64());
     }
 }

@@ -26,7 +26,7 @@ use crate::balance::{self, Constraints};
 use crate::breaker::{Admission, Outcome};
 use crate::config::RoutePolicy;
 use crate::error::GatewayError;
-use crate::metrics::GatewayMetrics;
+use crate::metrics::{Attempt, GatewayMetrics};
 use crate::table::{Endpoint, Live, Pool};
 
 /// The header that carries the verified token subject upstream; never taken from a client.
@@ -197,7 +197,14 @@ pub async fn forward(
             continue; // its last probe slot went to another request meanwhile
         };
         let body = outgoing.body.take();
-        let request = upstream_request(&outgoing, endpoint, body)?;
+        // The headers are needed again only if another instance may be tried.
+        let last_chance = !replayable || tried.len() >= MAX_ATTEMPTS.min(pool.endpoints.len());
+        let headers = if last_chance {
+            std::mem::take(&mut outgoing.headers)
+        } else {
+            outgoing.headers.clone()
+        };
+        let request = upstream_request(&outgoing, endpoint, headers, body)?;
         let started = Instant::now();
         // The wait for a free connection slot counts against the request's timeout.
         let answer = tokio::time::timeout(policy.timeout, async {
@@ -221,12 +228,11 @@ pub async fn forward(
                     Outcome::Success
                 };
                 record(cx, pool, endpoint, admission, outcome);
-                cx.metrics.upstream(
-                    service,
+                pool.metrics.upstream(
                     if status.is_server_error() {
-                        "status_5xx"
+                        Attempt::Status5xx
                     } else {
-                        "ok"
+                        Attempt::Ok
                     },
                     elapsed,
                 );
@@ -266,8 +272,14 @@ pub async fn forward(
                     Outcome::Failure
                 };
                 record(cx, pool, endpoint, admission, outcome);
-                cx.metrics
-                    .upstream(service, if connect { "connect" } else { "reset" }, elapsed);
+                pool.metrics.upstream(
+                    if connect {
+                        Attempt::Connect
+                    } else {
+                        Attempt::Reset
+                    },
+                    elapsed,
+                );
                 let cause = chain(&error);
                 let failure = if connect {
                     GatewayError::Connect {
@@ -293,7 +305,7 @@ pub async fn forward(
             }
             Err(_) => {
                 record(cx, pool, endpoint, admission, Outcome::Failure);
-                cx.metrics.upstream(service, "timeout", elapsed);
+                pool.metrics.upstream(Attempt::Timeout, elapsed);
                 return Err(GatewayError::Timeout {
                     service: service.to_owned(),
                     instance: endpoint.instance_id.to_string(),
@@ -347,6 +359,7 @@ fn record(
 fn upstream_request(
     outgoing: &Outgoing,
     endpoint: &Endpoint,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Request<Body>, GatewayError> {
     let path_and_query = PathAndQuery::try_from(outgoing.path_and_query.as_str())
@@ -360,7 +373,7 @@ fn upstream_request(
     let mut request = Request::new(body);
     *request.method_mut() = outgoing.method.clone();
     *request.uri_mut() = uri;
-    *request.headers_mut() = outgoing.headers.clone();
+    *request.headers_mut() = headers;
     Ok(request)
 }
 

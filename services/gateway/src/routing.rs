@@ -258,6 +258,7 @@ mod properties {
             &[],
             &Table::default(),
             &crate::table::PoolSettings::default(),
+            &crate::metrics::GatewayMetrics::new(&prometheus::Registry::new()).unwrap(),
         )
     }
 

@@ -135,6 +135,7 @@ pub fn rebuild(shared: &Shared, instances: &BTreeMap<String, Instance>, cause: &
         &shared.statics,
         &previous,
         &shared.config.pool_settings(),
+        &shared.metrics,
     );
     let before: HashSet<_> = previous.instance_keys().into_iter().collect();
     let after: HashSet<_> = table.instance_keys().into_iter().collect();

@@ -15,6 +15,7 @@ use http::uri::Authority;
 
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::budget::RetryBudget;
+use crate::metrics::{GatewayMetrics, ServiceMetrics};
 use crate::routing;
 
 /// The control plane's fixed prefixes (DESIGN.md, "HTTP API"), kept as they are upstream.
@@ -112,6 +113,7 @@ pub struct Pool {
     pub wheel: Vec<usize>,
     pub cursor: AtomicUsize,
     pub budget: Arc<RetryBudget>,
+    pub metrics: ServiceMetrics,
 }
 
 /// Where a prefix leads.
@@ -149,6 +151,7 @@ impl Table {
         statics: &[StaticUpstream],
         previous: &Table,
         settings: &PoolSettings,
+        metrics: &GatewayMetrics,
     ) -> Self {
         let mut by_service: BTreeMap<&str, Vec<Endpoint>> = BTreeMap::new();
         let mut declared: BTreeMap<String, &str> = BTreeMap::new();
@@ -229,6 +232,7 @@ impl Table {
                     wheel,
                     cursor: AtomicUsize::new(0),
                     budget,
+                    metrics: metrics.for_service(&service),
                 }),
             );
             table.add_route(format!("/{service}"), &service, true);
@@ -381,12 +385,22 @@ mod tests {
         }
     }
 
+    pub(crate) fn test_metrics() -> GatewayMetrics {
+        GatewayMetrics::new(&prometheus::Registry::new()).unwrap()
+    }
+
     fn table(instances: Vec<Instance>, previous: &Table) -> Table {
         let map = instances
             .into_iter()
             .map(|i| (i.instance_id.clone(), i))
             .collect();
-        Table::build(&map, &[], previous, &PoolSettings::default())
+        Table::build(
+            &map,
+            &[],
+            previous,
+            &PoolSettings::default(),
+            &test_metrics(),
+        )
     }
 
     #[test]

@@ -307,3 +307,30 @@ async fn the_status_page_and_the_proxy_endpoint() {
         assert_eq!(answer.status, code, "{body}: {:?}", answer.json());
     }
 }
+
+#[tokio::test]
+async fn http2_clients_are_served_too() {
+    let stack = Stack::start(&[]).await;
+    let echo = Upstream::start("echo").await;
+    stack.register("echo", "e-1", echo.port, json!({})).await;
+    stack.wait_for("/echo/x", 200).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let answer = client
+        .get(stack.gateway.url("/echo/over-h2").parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(answer.version(), http::Version::HTTP_2);
+    assert_eq!(answer.status(), 200);
+    let body = http_body_util::BodyExt::collect(answer.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["path"], "/over-h2");
+    assert_eq!(
+        seen["headers"]["x-forwarded-host"],
+        stack.gateway.addr.to_string()
+    );
+}
