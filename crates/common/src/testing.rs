@@ -499,12 +499,22 @@ impl VaultFixture {
 /// operation the document describes is a real route (not the "no route" 404, not a 405).
 /// Path parameters are filled with a UUID (`{id}`) or `payments` (any other name).
 pub async fn check_openapi_routes(base: &str, token: &str, expected_operations: usize) {
+    check_openapi_routes_at(base, "/api/openapi.json", token, expected_operations).await;
+}
+
+/// [`check_openapi_routes`] for a document served at `document_path`.
+pub async fn check_openapi_routes_at(
+    base: &str,
+    document_path: &str,
+    token: &str,
+    expected_operations: usize,
+) {
     let client = crate::client::HttpClient::new(std::time::Duration::from_secs(10));
     let send = |method: &str, path: &str, body: Option<serde_json::Value>| {
         let (client, url, method) = (client.clone(), format!("{base}{path}"), method.to_owned());
         async move { send_json(&client, &method, &url, Some(token), body).await }
     };
-    let document = send("GET", "/api/openapi.json", None).await;
+    let document = send("GET", document_path, None).await;
     assert_eq!(document.status, 200);
     let document = document.json();
     assert!(document["openapi"].as_str().unwrap().starts_with("3."));

@@ -160,6 +160,16 @@ pub async fn proxy_request(
     ))
 }
 
+/// The OpenAPI document of the gateway's own endpoints, kept beside the code and checked
+/// by a test.
+pub fn openapi() -> Response<Body> {
+    let mut response = Response::new(common::hyper_server::full(include_str!("../openapi.json")));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
 pub fn method_not_allowed() -> Response<Body> {
     let mut response = common::problem::Problem::method_not_allowed().to_hyper();
     *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;

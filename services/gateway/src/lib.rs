@@ -278,9 +278,10 @@ async fn dispatch(shared: &Shared, mut req: Request<Incoming>) -> Result<Served,
     } else {
         None
     };
+    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
     let limit = rate_limit(
         shared,
-        &req,
+        peer,
         claims.as_ref(),
         policy_prefix,
         policy,
@@ -390,7 +391,7 @@ async fn authenticate(shared: &Shared, headers: &http::HeaderMap) -> Result<Clai
 /// Applies the policy's limits; returns the tighter decision for the response headers.
 async fn rate_limit(
     shared: &Shared,
-    req: &Request<Incoming>,
+    peer: Option<std::net::IpAddr>,
     claims: Option<&Claims>,
     policy_prefix: &str,
     policy: &config::RoutePolicy,
@@ -400,10 +401,7 @@ async fn rate_limit(
     let mut tightest: Option<Decision> = None;
     let client = match claims {
         Some(claims) => format!("sub:{}", claims.sub),
-        None => req
-            .extensions()
-            .get::<PeerAddr>()
-            .map_or_else(|| "ip:unknown".to_owned(), |p| format!("ip:{}", p.0.ip())),
+        None => peer.map_or_else(|| "ip:unknown".to_owned(), |ip| format!("ip:{ip}")),
     };
     let checks = [
         (
@@ -452,6 +450,7 @@ async fn gateway_endpoint(
         }
         (&Method::POST, "/api/gateway/proxy") => {
             let claims = authenticate(shared, req.headers()).await.map_err(fail)?;
+            let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
             let (service, public_path, mut outgoing) =
                 admin::proxy_request(req.into_body(), shared.config.common.max_body_bytes)
                     .await
@@ -460,11 +459,25 @@ async fn gateway_endpoint(
             let pool = table
                 .pool(service.as_str())
                 .ok_or_else(|| fail(GatewayError::NoInstance(service.to_string())))?;
-            let (_, policy) = shared.config.policy_for(&public_path);
+            let (policy_prefix, policy) = shared.config.policy_for(&public_path);
+            let limit = rate_limit(
+                shared,
+                peer,
+                Some(&claims),
+                policy_prefix,
+                policy,
+                service.as_str(),
+                &label,
+            )
+            .await
+            .map_err(fail)?;
             proxy::upstream_headers(&mut outgoing.headers, None, None, Some(&claims.sub), false);
-            let (response, answered) = proxy::forward(context(shared), pool, policy, outgoing)
+            let (mut response, answered) = proxy::forward(context(shared), pool, policy, outgoing)
                 .await
                 .map_err(fail)?;
+            if let Some(decision) = limit {
+                error::insert_rate_headers(response.headers_mut(), &decision);
+            }
             return Ok(Served {
                 response,
                 route: label,
@@ -472,7 +485,10 @@ async fn gateway_endpoint(
                 attempts: answered.attempts,
             });
         }
-        (_, "/api/gateway/status" | "/api/gateway/proxy") => admin::method_not_allowed(),
+        (&Method::GET, "/api/gateway/openapi.json") => admin::openapi(),
+        (_, "/api/gateway/status" | "/api/gateway/proxy" | "/api/gateway/openapi.json") => {
+            admin::method_not_allowed()
+        }
         _ => return Err(fail(GatewayError::NoRoute)),
     };
     Ok(Served {
@@ -487,6 +503,7 @@ fn path_label(path: &str) -> &'static str {
     match path {
         "/api/gateway/status" => "/api/gateway/status",
         "/api/gateway/proxy" => "/api/gateway/proxy",
+        "/api/gateway/openapi.json" => "/api/gateway/openapi.json",
         _ => "unmatched",
     }
 }

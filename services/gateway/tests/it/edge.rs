@@ -334,3 +334,15 @@ async fn http2_clients_are_served_too() {
         stack.gateway.addr.to_string()
     );
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_served_operations() {
+    let stack = Stack::start(&[]).await;
+    common::testing::check_openapi_routes_at(
+        &stack.gateway.url(""),
+        "/api/gateway/openapi.json",
+        stack.admin(),
+        6,
+    )
+    .await;
+}

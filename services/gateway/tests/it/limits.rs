@@ -103,6 +103,16 @@ async fn limits_per_client_and_per_service_are_exact_on_one_gateway() {
     let mut both = burst(&stack, &[&stack.gateway], "/shared/x", Some(&alpha), 10).await;
     both.extend(burst(&stack, &[&stack.gateway], "/shared/x", Some(&beta), 10).await);
     assert_eq!(allowed(&both), 4);
+    // The proxy endpoint spends the same allowance as the route it stands for.
+    let proxied = common::testing::send_json(
+        &stack.client,
+        "POST",
+        &stack.gateway.url("/api/gateway/proxy"),
+        Some(&alpha),
+        Some(json!({"service": "shared", "method": "GET", "path": "/x"})),
+    )
+    .await;
+    assert_eq!(proxied.status, 429, "{:?}", proxied.json());
 
     let page = get(&stack.client, &stack.gateway, "/metrics", None).await;
     let page = String::from_utf8_lossy(&page.body).into_owned();
