@@ -187,6 +187,9 @@ pub enum Event {
         from: HealthState,
         to: HealthState,
         reason: String,
+        /// The latency of the check that caused the change, when a check did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        latency_ms: Option<f64>,
     },
     CredentialRotated {
         id: String,
@@ -273,6 +276,7 @@ mod tests {
                 from: HealthState::Healthy,
                 to: HealthState::Degraded,
                 reason: "timeout".into(),
+                latency_ms: Some(5000.0),
             },
             "health-monitor",
         );

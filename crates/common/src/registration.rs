@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
@@ -251,4 +251,33 @@ pub fn for_service(
         routes: Vec::new(),
     };
     Some(RegistryClient::new(url, token.clone(), registration))
+}
+
+/// Every instance the registry knows, in every state (`GET /api/instances`): the full
+/// state that consumers of registry events reload on every resync.
+pub async fn fetch_instances(
+    client: &HttpClient,
+    registry_url: &str,
+    token: &Secret<String>,
+) -> Result<Vec<crate::api::Instance>, crate::client::ClientError> {
+    use crate::client::ClientError;
+    #[derive(Deserialize)]
+    struct List {
+        instances: Vec<crate::api::Instance>,
+    }
+    let url = format!("{}/api/instances", registry_url.trim_end_matches('/'));
+    let request = http::Request::get(&url)
+        .header(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", token.expose()),
+        )
+        .body(bytes::Bytes::new())
+        .map_err(|e| ClientError::InvalidUrl(url.clone(), e.to_string()))?;
+    let response = client.send(request).await?;
+    if !response.status.is_success() {
+        return Err(ClientError::Status(url, response.status));
+    }
+    let list: List = serde_json::from_slice(&response.body)
+        .map_err(|e| ClientError::Body(url, e.to_string()))?;
+    Ok(list.instances)
 }

@@ -10,7 +10,6 @@ use common::api::{Channel, Event, Instance};
 use common::client::{ClientError, HttpClient};
 use common::secret::Secret;
 use events::{EventMetrics, Signal};
-use serde::Deserialize;
 
 use crate::Shared;
 use crate::table::Table;
@@ -25,26 +24,10 @@ pub struct Source {
 
 impl Source {
     async fn load(&self) -> Result<BTreeMap<String, Instance>, ClientError> {
-        #[derive(Deserialize)]
-        struct List {
-            instances: Vec<Instance>,
-        }
-        let url = format!("{}/api/instances", self.registry_url);
-        let request = http::Request::get(&url)
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", self.token.expose()),
-            )
-            .body(bytes::Bytes::new())
-            .map_err(|e| ClientError::InvalidUrl(url.clone(), e.to_string()))?;
-        let response = self.client.send(request).await?;
-        if !response.status.is_success() {
-            return Err(ClientError::Status(url, response.status));
-        }
-        let list: List = serde_json::from_slice(&response.body)
-            .map_err(|e| ClientError::Body(url, e.to_string()))?;
-        Ok(list
-            .instances
+        let instances =
+            common::registration::fetch_instances(&self.client, &self.registry_url, &self.token)
+                .await?;
+        Ok(instances
             .into_iter()
             .map(|i| (i.instance_id.clone(), i))
             .collect())

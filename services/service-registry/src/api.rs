@@ -385,6 +385,7 @@ async fn heartbeat(
                 from: HealthState::Offline,
                 to: HealthState::Healthy,
                 reason: "heartbeat resumed".into(),
+                latency_ms: None,
             })
             .await;
     }
@@ -401,6 +402,9 @@ struct SetHealth {
     state: HealthState,
     #[serde(default)]
     reason: String,
+    /// The latency of the check behind the change, passed on in the event.
+    #[serde(default)]
+    latency_ms: Option<f64>,
 }
 
 async fn set_health(
@@ -421,7 +425,10 @@ async fn set_health(
     let instance = registered(&state, &service, &id)?;
     let reason = body.reason.chars().take(512).collect::<String>();
     state.take_expired(&id);
-    state.change_health(instance, body.state, reason).await?;
+    let latency_ms = body.latency_ms.filter(|l| l.is_finite() && *l >= 0.0);
+    state
+        .change_health(instance, body.state, reason, latency_ms)
+        .await?;
     Ok(HttpResponse::NoContent().finish())
 }
 

@@ -199,6 +199,7 @@ impl State {
         mut instance: Instance,
         to: HealthState,
         reason: String,
+        latency_ms: Option<f64>,
     ) -> Result<(), ApiError> {
         let from = instance.health;
         if from == to {
@@ -240,6 +241,7 @@ impl State {
             from,
             to,
             reason,
+            latency_ms,
         })
         .await;
         Ok(())
@@ -350,7 +352,7 @@ impl State {
                 );
                 let id = instance.instance_id.clone();
                 match self
-                    .change_health(instance, HealthState::Offline, reason)
+                    .change_health(instance, HealthState::Offline, reason, None)
                     .await
                 {
                     Ok(()) => {

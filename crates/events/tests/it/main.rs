@@ -87,6 +87,7 @@ async fn an_event_published_on_one_connection_arrives_on_another() {
             from: common::api::HealthState::Healthy,
             to: common::api::HealthState::Offline,
             reason: "connect".into(),
+            latency_ms: None,
         })
         .await
         .unwrap();
