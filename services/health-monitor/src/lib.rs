@@ -1,12 +1,28 @@
 //! The health-monitor: whether every instance is healthy: active checks, states and alerts.
+//!
+//! [`monitor::Monitor`] follows the registry and checks each instance ([`probe`]) on its
+//! schedule; [`tracker`] turns checks into states, [`alerts`] turns states into alerts,
+//! [`notify`] delivers them, [`recovery`] calls recovery webhooks; [`api`] shows it all.
 
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod alerts;
+pub mod api;
+pub mod config;
+pub mod metrics;
+pub mod monitor;
+pub mod notify;
+pub mod probe;
+pub mod recovery;
+mod schema;
+pub mod store;
+pub mod tracker;
 
 use std::future::Future;
 use std::net::TcpListener;
 
 use anyhow::Context;
-use common::config::{CommonConfig, ConfigError, DatabaseConfig, Env};
+use common::config::{CommonConfig, ConfigError, Env};
 use common::db::{Db, Migrations};
 use common::http::ServerSettings;
 use common::readiness::Readiness;
@@ -22,21 +38,7 @@ pub static MIGRATIONS: Migrations = Migrations {
     sqlite: embed_migrations!("../../migrations/health-monitor/sqlite"),
 };
 
-/// The health-monitor's configuration, from the environment.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub common: CommonConfig,
-    pub database: DatabaseConfig,
-}
-
-impl Config {
-    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
-        Ok(Self {
-            common: CommonConfig::from_env(env, DEFAULT_PORT)?,
-            database: DatabaseConfig::from_env(env)?,
-        })
-    }
-}
+pub use config::Config;
 
 /// Migrates the database, then serves on `listener` until `shutdown` resolves.
 pub async fn run(
@@ -51,14 +53,33 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot migrate {}", config.database.url.redacted()))?;
     tracing::info!(backend = db.backend().as_str(), ?applied, "database ready");
+    let event_metrics = EventMetrics::new(&registry)?;
     let publisher = Publisher::new(
         config.common.redis_url.as_ref(),
         NAME,
-        EventMetrics::new(&registry)?,
+        event_metrics.clone(),
     )?;
-    let readiness = publisher.add_readiness_check(Readiness::new().with_db(db));
-    let settings = ServerSettings::new(&config.common, registry, readiness);
-    common::http::serve(settings, listener, |_routes| {}, shutdown).await?;
+    let readiness = publisher.add_readiness_check(Readiness::new().with_db(db.clone()));
+    let settings = ServerSettings::new(&config.common, registry.clone(), readiness);
+    let auth = common::auth::Authenticator::new(&config.vault_url, config.common.token.clone());
+    let metrics = metrics::MonitorMetrics::new(&registry)?;
+    let monitor = monitor::Monitor::new(config, db, metrics).await?;
+    let tasks = monitor.start(event_metrics);
+    let state = actix_web::web::Data::new(api::Api { monitor, auth });
+    let served = common::http::serve(
+        settings,
+        listener,
+        move |routes| {
+            routes.app_data(state.clone());
+            api::routes(routes);
+        },
+        shutdown,
+    )
+    .await;
+    for task in tasks {
+        task.abort();
+    }
+    served?;
     Ok(())
 }
 

@@ -17,5 +17,10 @@ async fn the_binary_validates_config_answers_healthcheck_and_stops_on_sigterm() 
 }
 
 both_backends!(migrations_apply, |backend| async move {
-    check_migrations(&health_monitor::MIGRATIONS, backend, &["alerts"]).await;
+    check_migrations(
+        &health_monitor::MIGRATIONS,
+        backend,
+        &["alerts", "recovery_attempts"],
+    )
+    .await;
 });

@@ -1,0 +1,558 @@
+//! The monitor at work: follow the registry, check every instance on its schedule, track
+//! states, report transitions, keep alerts, deliver notices, trigger recoveries.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use common::api::{Channel, Event, HealthState, Instance};
+use common::client::HttpClient;
+use common::db::Db;
+use common::secret::Secret;
+use events::{EventMetrics, Signal};
+use serde_json::json;
+
+use crate::alerts::{self, Alert};
+use crate::config::Config;
+use crate::metrics::MonitorMetrics;
+use crate::notify::{self, Backoff};
+use crate::probe::{self, Probe, Verdict, Warning};
+use crate::recovery::{self, Attempts, Policy};
+use crate::store::{self, RecoveryRow};
+use crate::tracker::Tracker;
+
+/// How often alerts and recoveries are evaluated and notices sent.
+const TICK: Duration = Duration::from_millis(250);
+/// How long resolved alerts and recovery attempts stay visible.
+const KEEP_RESOLVED: Duration = Duration::from_secs(24 * 3600);
+
+/// One instance as the monitor follows it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub instance: Instance,
+    pub tracker: Tracker,
+    /// Bumped on every (re)schedule; a stale heap item is skipped.
+    generation: u64,
+    pub recovery: Attempts,
+}
+
+#[derive(Debug)]
+pub struct Monitor {
+    pub config: Config,
+    pub db: Db,
+    pub metrics: MonitorMetrics,
+    entries: Mutex<HashMap<String, Entry>>,
+    queue: Mutex<BinaryHeap<Reverse<(Instant, u64, String)>>>,
+    pub alerts: Mutex<BTreeMap<String, Alert>>,
+    pub recoveries: Mutex<Vec<RecoveryRow>>,
+    /// Whether the instances were loaded from the registry at least once: alerts are not
+    /// evaluated before, or an empty fleet would resolve every alert.
+    pub loaded: AtomicBool,
+    client: HttpClient,
+    token: Option<Secret<String>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+impl Monitor {
+    pub async fn new(config: Config, db: Db, metrics: MonitorMetrics) -> anyhow::Result<Arc<Self>> {
+        let since = (Utc::now() - chrono::Duration::from_std(KEEP_RESOLVED)?).naive_utc();
+        let (rows, recoveries) = db
+            .run(move |conn| {
+                Ok((
+                    store::load_alerts(conn, since)?,
+                    store::recoveries_since(conn, since)?,
+                ))
+            })
+            .await?;
+        let alerts = rows
+            .into_iter()
+            .filter_map(Alert::from_row)
+            .map(|a| (a.fingerprint.clone(), a))
+            .collect();
+        Ok(Arc::new(Self {
+            token: config.common.token.clone(),
+            client: HttpClient::new(Duration::from_secs(5)),
+            config,
+            db,
+            metrics,
+            entries: Mutex::new(HashMap::new()),
+            queue: Mutex::new(BinaryHeap::new()),
+            alerts: Mutex::new(alerts),
+            recoveries: Mutex::new(recoveries),
+            loaded: AtomicBool::new(false),
+        }))
+    }
+
+    /// A copy of every entry, for the API and the rules.
+    pub fn snapshot(&self) -> Vec<Entry> {
+        lock(&self.entries).values().cloned().collect()
+    }
+
+    /// Starts following the registry, checking, alerting; runs until the process ends.
+    pub fn start(
+        self: &Arc<Self>,
+        event_metrics: EventMetrics,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        vec![
+            tokio::spawn(self.clone().follow(event_metrics)),
+            tokio::spawn(self.clone().schedule()),
+            tokio::spawn(self.clone().tick()),
+        ]
+    }
+
+    // --- Following the registry -------------------------------------------------------
+
+    async fn follow(self: Arc<Self>, event_metrics: EventMetrics) {
+        let mut subscription = match events::subscribe(
+            self.config.common.redis_url.as_ref(),
+            &[Channel::Registry],
+            self.config.common.resync_interval,
+            event_metrics,
+        ) {
+            Ok(subscription) => subscription,
+            Err(error) => {
+                tracing::error!(%error, "cannot follow the registry");
+                return;
+            }
+        };
+        while let Some(signal) = subscription.next().await {
+            match signal {
+                Signal::Resync(_) => self.reload().await,
+                Signal::Event(envelope) => match envelope.event {
+                    Event::InstanceRegistered { instance }
+                    | Event::InstanceUpdated { instance } => {
+                        self.upsert(instance);
+                    }
+                    Event::InstanceDeregistered { instance_id, .. } => {
+                        lock(&self.entries).remove(&instance_id);
+                    }
+                    _ => {}
+                },
+            }
+        }
+    }
+
+    async fn reload(&self) {
+        let (Some(url), Some(token)) = (&self.config.common.registry_url, &self.token) else {
+            self.loaded.store(true, Ordering::Relaxed);
+            return;
+        };
+        match common::registration::fetch_instances(&self.client, url, token).await {
+            Ok(instances) => {
+                let ids: std::collections::HashSet<String> =
+                    instances.iter().map(|i| i.instance_id.clone()).collect();
+                lock(&self.entries).retain(|id, _| ids.contains(id));
+                for instance in instances {
+                    self.upsert(instance);
+                }
+                self.loaded.store(true, Ordering::Relaxed);
+            }
+            Err(error) => tracing::warn!(%error, "cannot load the instances from the registry"),
+        }
+    }
+
+    /// Adds or refreshes an instance; a new one is first checked at a random point of
+    /// the interval, so that checks spread evenly.
+    fn upsert(&self, instance: Instance) {
+        // The monitor does not check itself through the registry's eyes: it is up if it runs.
+        let id = instance.instance_id.clone();
+        let mut entries = lock(&self.entries);
+        if let Some(entry) = entries.get_mut(&id) {
+            entry.instance = instance;
+            return;
+        }
+        let tracker = Tracker::new(instance.health, instance.health_since);
+        let jitter = self.config.interval.mul_f64(fastrand::f64());
+        entries.insert(
+            id.clone(),
+            Entry {
+                instance,
+                tracker,
+                generation: 0,
+                recovery: Attempts::default(),
+            },
+        );
+        drop(entries);
+        lock(&self.queue).push(Reverse((Instant::now() + jitter, 0, id)));
+    }
+
+    // --- Checking ---------------------------------------------------------------------
+
+    async fn schedule(self: Arc<Self>) {
+        let permits = Arc::new(tokio::sync::Semaphore::new(self.config.concurrency));
+        let mut ticker = tokio::time::interval(Duration::from_millis(20));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let now = Instant::now();
+            loop {
+                let due = {
+                    let mut queue = lock(&self.queue);
+                    match queue.peek() {
+                        Some(Reverse((at, _, _))) if *at <= now => queue.pop(),
+                        _ => None,
+                    }
+                };
+                let Some(Reverse((_, generation, id))) = due else {
+                    break;
+                };
+                let target = {
+                    let entries = lock(&self.entries);
+                    entries
+                        .get(&id)
+                        .filter(|e| e.generation == generation)
+                        .map(|e| (e.instance.clone(), generation))
+                };
+                let Some((instance, generation)) = target else {
+                    continue;
+                };
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let monitor = self.clone();
+                tokio::spawn(async move {
+                    let probe = probe::check(
+                        &instance.address,
+                        instance.port,
+                        &method(&instance),
+                        monitor.config.timeout,
+                        monitor.config.slow,
+                    )
+                    .await;
+                    drop(permit);
+                    monitor.observed(&instance, generation, &probe).await;
+                });
+            }
+        }
+    }
+
+    async fn observed(&self, instance: &Instance, generation: u64, probe: &Probe) {
+        let (outcome, reason) = match probe.verdict {
+            Verdict::Pass => ("pass", "none"),
+            Verdict::Warn(Warning::Slow) => ("warn", "slow"),
+            Verdict::Warn(Warning::Degraded) => ("warn", "degraded"),
+            Verdict::Fail(reason) => ("fail", reason.as_str()),
+        };
+        self.metrics.checked(outcome, reason, probe.latency);
+        let transition = {
+            let mut entries = lock(&self.entries);
+            let Some(entry) = entries.get_mut(&instance.instance_id) else {
+                return; // deregistered meanwhile
+            };
+            if entry.generation != generation {
+                return;
+            }
+            let transition = entry
+                .tracker
+                .observe(probe, Utc::now(), self.config.thresholds);
+            entry.generation += 1;
+            let next = if entry.tracker.unsettled() {
+                self.config.fast_interval
+            } else {
+                self.config.interval
+            };
+            let generation = entry.generation;
+            drop(entries);
+            lock(&self.queue).push(Reverse((
+                Instant::now() + next,
+                generation,
+                instance.instance_id.clone(),
+            )));
+            transition
+        };
+        if let Some(transition) = transition {
+            tracing::info!(
+                service = %instance.service,
+                instance = %instance.instance_id,
+                from = transition.from.as_str(),
+                to = transition.to.as_str(),
+                reason = transition.reason,
+                "health changed"
+            );
+            self.metrics.transition(transition.to.as_str());
+            self.report(instance, transition.to, &transition.reason, probe.latency)
+                .await;
+        }
+    }
+
+    /// Tells the registry, which stores the change and publishes it on `concierge:health`.
+    async fn report(&self, instance: &Instance, to: HealthState, reason: &str, latency: Duration) {
+        let (Some(url), Some(token)) = (&self.config.common.registry_url, &self.token) else {
+            return;
+        };
+        let url = format!(
+            "{}/api/services/{}/instances/{}/health",
+            url.trim_end_matches('/'),
+            instance.service,
+            instance.instance_id
+        );
+        let body = json!({
+            "state": to,
+            "reason": reason,
+            "latency_ms": latency.as_secs_f64() * 1e3,
+        });
+        let request = http::Request::put(&url)
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", token.expose()),
+            )
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(bytes::Bytes::from(body.to_string()));
+        let Ok(request) = request else { return };
+        match self.client.send(request).await {
+            Ok(response) if response.status.is_success() => {}
+            Ok(response) => {
+                tracing::warn!(status = %response.status, "the registry refused a health report")
+            }
+            Err(error) => tracing::warn!(%error, "cannot report a health change to the registry"),
+        }
+    }
+
+    // --- Alerts, notices, recoveries ----------------------------------------------------
+
+    async fn tick(self: Arc<Self>) {
+        let mut backoff = Backoff::default();
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_prune = Instant::now();
+        loop {
+            ticker.tick().await;
+            if !self.loaded.load(Ordering::Relaxed) {
+                continue;
+            }
+            let fleet = self.snapshot();
+            self.count_states(&fleet);
+            let changed = {
+                let pairs: Vec<_> = fleet.iter().map(|e| (&e.instance, &e.tracker)).collect();
+                let conditions = alerts::evaluate(&pairs, &self.config.rules, Utc::now());
+                let mut book = lock(&self.alerts);
+                let changed = alerts::reconcile(
+                    &mut book,
+                    conditions,
+                    self.config.rules.escalate_after,
+                    Utc::now(),
+                );
+                self.count_alerts(&book);
+                changed
+            };
+            for alert in changed {
+                tracing::info!(
+                    fingerprint = alert.fingerprint,
+                    rule = alert.rule.as_str(),
+                    service = alert.service,
+                    firing = alert.firing,
+                    severity = ?alert.severity,
+                    caused_by = alert.caused_by,
+                    "alert changed"
+                );
+                self.save(&alert).await;
+            }
+            self.deliver(&mut backoff).await;
+            self.recover(&fleet).await;
+            if last_prune.elapsed() > Duration::from_secs(3600) {
+                last_prune = Instant::now();
+                self.prune().await;
+            }
+        }
+    }
+
+    async fn save(&self, alert: &Alert) {
+        let row = alert.to_row();
+        if let Err(error) = self.db.run(move |conn| store::save_alert(conn, &row)).await {
+            tracing::error!(%error, "cannot store an alert; it will be stored on its next change");
+        }
+    }
+
+    async fn deliver(&self, backoff: &mut Backoff) {
+        for webhook in &self.config.webhooks {
+            if !backoff.ready(&webhook.url, Instant::now()) {
+                continue;
+            }
+            let pending: Vec<Alert> = lock(&self.alerts)
+                .values()
+                .filter(|a| a.needs(&webhook.url))
+                .cloned()
+                .collect();
+            for alert in pending {
+                let sent = notify::send(&self.client, webhook, &alert).await;
+                self.metrics.delivery(sent.is_ok());
+                match sent {
+                    Ok(()) => {
+                        backoff.succeeded(&webhook.url);
+                        let updated = {
+                            let mut book = lock(&self.alerts);
+                            let Some(current) = book.get_mut(&alert.fingerprint) else {
+                                continue;
+                            };
+                            // Record what was sent: the alert may have moved on meanwhile.
+                            current
+                                .notified
+                                .insert(webhook.url.clone(), alert.due().to_owned());
+                            current.clone()
+                        };
+                        self.save(&updated).await;
+                    }
+                    Err(error) => {
+                        tracing::warn!(webhook = webhook.url, %error, "alert webhook failed; will retry");
+                        backoff.failed(&webhook.url, Instant::now());
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn recover(&self, fleet: &[Entry]) {
+        let now = Utc::now();
+        let blamed: std::collections::HashSet<String> = lock(&self.alerts)
+            .values()
+            .filter(|a| a.firing && a.caused_by.is_some())
+            .map(|a| a.service.clone())
+            .collect();
+        for entry in fleet {
+            if entry.tracker.state != HealthState::Offline
+                || blamed.contains(entry.instance.service.as_str())
+            {
+                continue;
+            }
+            let Some(policy) = Policy::of(&entry.instance) else {
+                continue;
+            };
+            let attempts = self.attempts(&entry.instance.instance_id, entry.tracker.since);
+            if !recovery::due(&policy, &attempts, entry.tracker.since, now) {
+                continue;
+            }
+            self.attempt_recovery(entry, &policy, attempts.count + 1)
+                .await;
+        }
+    }
+
+    /// The attempts made for `instance_id` in its outage that began at `since`.
+    fn attempts(&self, instance_id: &str, since: chrono::DateTime<Utc>) -> Attempts {
+        let rows = lock(&self.recoveries);
+        let mine: Vec<&RecoveryRow> = rows
+            .iter()
+            .filter(|r| r.instance_id == instance_id && r.at >= since.naive_utc())
+            .collect();
+        Attempts {
+            outage: Some(since),
+            count: u32::try_from(mine.len()).unwrap_or(u32::MAX),
+            last: mine
+                .last()
+                .map(|r| chrono::DateTime::<Utc>::from_naive_utc_and_offset(r.at, Utc)),
+        }
+    }
+
+    async fn attempt_recovery(&self, entry: &Entry, policy: &Policy, attempt: u32) {
+        let instance = &entry.instance;
+        let body = json!({
+            "service": instance.service,
+            "instance_id": instance.instance_id,
+            "address": instance.address,
+            "port": instance.port,
+            "offline_since": entry.tracker.since,
+            "attempt": attempt,
+            "max_attempts": policy.max_attempts,
+        });
+        let request = http::Request::post(&policy.webhook)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(bytes::Bytes::from(body.to_string()));
+        let outcome = match request {
+            Ok(request) => match self.client.send(request).await {
+                Ok(response) if response.status.is_success() => Ok(()),
+                Ok(response) => Err(format!("answered {}", response.status)),
+                Err(error) => Err(error.to_string()),
+            },
+            Err(error) => Err(error.to_string()),
+        };
+        self.metrics.recovery(outcome.is_ok());
+        tracing::info!(
+            service = %instance.service,
+            instance = %instance.instance_id,
+            attempt,
+            ok = outcome.is_ok(),
+            "recovery webhook called"
+        );
+        let row = RecoveryRow {
+            id: uuid::Uuid::new_v4().to_string(),
+            service: instance.service.to_string(),
+            instance_id: instance.instance_id.clone(),
+            attempt: i32::try_from(attempt).unwrap_or(i32::MAX),
+            at: Utc::now().naive_utc(),
+            outcome: if outcome.is_ok() { "ok" } else { "failed" }.to_owned(),
+            detail: outcome.err().unwrap_or_default(),
+        };
+        lock(&self.recoveries).push(row.clone());
+        if let Err(error) = self
+            .db
+            .run(move |conn| store::record_recovery(conn, &row))
+            .await
+        {
+            tracing::error!(%error, "cannot store a recovery attempt");
+        }
+    }
+
+    async fn prune(&self) {
+        let before = (Utc::now() - chrono::Duration::hours(24)).naive_utc();
+        lock(&self.alerts)
+            .retain(|_, a| a.firing || a.resolved_at.is_none_or(|r| r.naive_utc() >= before));
+        lock(&self.recoveries).retain(|r| r.at >= before);
+        if let Err(error) = self
+            .db
+            .run(move |conn| store::prune_alerts(conn, before))
+            .await
+        {
+            tracing::warn!(%error, "cannot prune old alerts");
+        }
+    }
+
+    fn count_states(&self, fleet: &[Entry]) {
+        for state in [
+            HealthState::Healthy,
+            HealthState::Degraded,
+            HealthState::Offline,
+        ] {
+            let count = fleet.iter().filter(|e| e.tracker.state == state).count();
+            self.metrics
+                .instances
+                .with_label_values(&[state.as_str()])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn count_alerts(&self, book: &BTreeMap<String, Alert>) {
+        for (severity, label) in [
+            (alerts::Severity::Warning, "warning"),
+            (alerts::Severity::Critical, "critical"),
+        ] {
+            let count = book
+                .values()
+                .filter(|a| a.firing && a.severity == severity)
+                .count();
+            self.metrics
+                .alerts_firing
+                .with_label_values(&[label])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// How an instance asks to be checked: `metadata.check = "tcp"`, else HTTP on its
+/// health endpoint.
+fn method(instance: &Instance) -> probe::Method {
+    match instance.metadata.get("check").and_then(|c| c.as_str()) {
+        Some("tcp") => probe::Method::Tcp,
+        _ => probe::Method::Http {
+            path: instance.health_endpoint.clone(),
+        },
+    }
+}
