@@ -148,8 +148,11 @@ impl Monitor {
         };
         match common::registration::fetch_instances(&self.client, url, token).await {
             Ok(instances) => {
-                let ids: std::collections::HashSet<String> =
-                    instances.iter().map(|i| i.instance_id.clone()).collect();
+                let ids: std::collections::HashSet<String> = instances
+                    .iter()
+                    .filter(|i| i.service.as_str() != crate::NAME)
+                    .map(|i| i.instance_id.clone())
+                    .collect();
                 lock(&self.entries).retain(|id, _| ids.contains(id));
                 for instance in instances {
                     self.upsert(instance);
@@ -163,7 +166,11 @@ impl Monitor {
     /// Adds or refreshes an instance; a new one is first checked at a random point of
     /// the interval, so that checks spread evenly.
     fn upsert(&self, instance: Instance) {
-        // The monitor does not check itself through the registry's eyes: it is up if it runs.
+        // Monitors do not check themselves or each other: a monitor that is shutting down
+        // would report itself, and its peers' liveness is the registry's heartbeats' job.
+        if instance.service.as_str() == crate::NAME {
+            return;
+        }
         let id = instance.instance_id.clone();
         let mut entries = lock(&self.entries);
         if let Some(entry) = entries.get_mut(&id) {

@@ -1,3 +1,6 @@
 //! The health-monitor as a process and over its database, on both backends.
 
+mod alerting;
 mod basics;
+mod checks;
+mod support;
