@@ -26,8 +26,10 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
 mod limiter;
+mod membership;
 
 pub use limiter::{GCRA_SCRIPT, GcraAnswer, SharedLimiter};
+pub use membership::{MEMBERSHIP_SCRIPT, Membership, owner};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventsError {

@@ -60,6 +60,19 @@ impl Condition {
     pub fn fingerprint(&self) -> String {
         fingerprint(self.rule, &self.service, self.instance_id.as_deref())
     }
+
+    /// What decides which monitor keeps this condition's alert.
+    pub fn owner_key(&self) -> String {
+        owner_key(&self.service, self.instance_id.as_deref())
+    }
+}
+
+/// Instance alerts belong with the instance's monitor; service alerts with the service's.
+pub fn owner_key(service: &str, instance: Option<&str>) -> String {
+    match instance {
+        Some(instance) => instance.to_owned(),
+        None => format!("service:{service}"),
+    }
 }
 
 /// A stable id for (rule, service, instance): FNV-1a, 64 bits, hex.
@@ -208,6 +221,10 @@ impl Alert {
         }
     }
 
+    pub fn owner_key(&self) -> String {
+        owner_key(&self.service, self.instance_id.as_deref())
+    }
+
     /// Whether `webhook` still has to be told something. An alert blamed on a dependency
     /// is not paged on its own; only a notice already begun is brought to its end.
     pub fn needs(&self, webhook: &str) -> bool {
@@ -265,12 +282,14 @@ impl Alert {
 }
 
 /// Applies the conditions that hold now to the alerts: new ones fire (deduplicated by
-/// fingerprint), old ones escalate or resolve. Returns the alerts that changed.
+/// fingerprint), old ones escalate or resolve. Only alerts `owned` by this monitor
+/// resolve here (the conditions are this monitor's already). Returns the alerts that changed.
 pub fn reconcile(
     alerts: &mut BTreeMap<String, Alert>,
     conditions: Vec<Condition>,
     escalate_after: Duration,
     now: DateTime<Utc>,
+    owned: &dyn Fn(&Alert) -> bool,
 ) -> Vec<Alert> {
     let mut changed = Vec::new();
     let mut holding = BTreeSet::new();
@@ -316,7 +335,7 @@ pub fn reconcile(
         }
     }
     for alert in alerts.values_mut() {
-        if alert.firing && !holding.contains(&alert.fingerprint) {
+        if alert.firing && !holding.contains(&alert.fingerprint) && owned(alert) {
             alert.firing = false;
             alert.resolved_at = Some(now);
             changed.push(alert.clone());
@@ -386,6 +405,7 @@ mod tests {
             evaluate(&fleet, &rules, now),
             rules.escalate_after,
             now,
+            &|_| true,
         );
         let rules_fired: BTreeSet<Rule> = fired.iter().map(|a| a.rule).collect();
         assert_eq!(
@@ -403,7 +423,8 @@ mod tests {
                 &mut alerts,
                 evaluate(&fleet, &rules, now),
                 rules.escalate_after,
-                now
+                now,
+                &|_| true,
             )
             .is_empty()
         );
@@ -413,6 +434,7 @@ mod tests {
             evaluate(&fleet, &rules, later),
             rules.escalate_after,
             later,
+            &|_| true,
         );
         assert_eq!(escalated.len(), 2);
         assert!(escalated.iter().all(|a| a.severity == Severity::Critical));
@@ -422,11 +444,24 @@ mod tests {
             evaluate(&[(&db, &healthy)], &rules, later),
             rules.escalate_after,
             later,
+            &|_| true,
         );
         assert_eq!(resolved.len(), 2);
         assert!(resolved.iter().all(|a| !a.firing && a.due() == "resolved"));
         let fp = fingerprint(Rule::InstanceOffline, "db", Some("db-1"));
         assert!(alerts.contains_key(&fp), "stable fingerprint");
+
+        // Another monitor's alerts are not resolved here, whatever this one sees.
+        let mut theirs = BTreeMap::new();
+        reconcile(
+            &mut theirs,
+            evaluate(&fleet, &rules, now),
+            rules.escalate_after,
+            now,
+            &|_| true,
+        );
+        let untouched = reconcile(&mut theirs, vec![], rules.escalate_after, later, &|_| false);
+        assert!(untouched.is_empty());
     }
 
     #[test]
@@ -447,7 +482,13 @@ mod tests {
             assert_eq!(condition.caused_by, expected, "{condition:?}");
         }
         let mut alerts = BTreeMap::new();
-        let fired = reconcile(&mut alerts, conditions, Duration::from_secs(300), now);
+        let fired = reconcile(
+            &mut alerts,
+            conditions,
+            Duration::from_secs(300),
+            now,
+            &|_| true,
+        );
         for alert in fired {
             assert_eq!(alert.needs("hook"), alert.service == "db", "{alert:?}");
         }

@@ -65,7 +65,10 @@ pub async fn run(
     let metrics = metrics::MonitorMetrics::new(&registry)?;
     let monitor = monitor::Monitor::new(config, db, metrics).await?;
     let tasks = monitor.start(event_metrics);
-    let state = actix_web::web::Data::new(api::Api { monitor, auth });
+    let state = actix_web::web::Data::new(api::Api {
+        monitor: monitor.clone(),
+        auth,
+    });
     let served = common::http::serve(
         settings,
         listener,
@@ -79,6 +82,7 @@ pub async fn run(
     for task in tasks {
         task.abort();
     }
+    monitor.leave().await;
     served?;
     Ok(())
 }

@@ -53,6 +53,10 @@ pub struct Monitor {
     pub loaded: AtomicBool,
     client: HttpClient,
     token: Option<Secret<String>>,
+    /// With Redis, the monitors alive (and when that was last learned): each instance is
+    /// checked, and each alert kept, by exactly one of them.
+    membership: Option<events::Membership>,
+    members: Mutex<Option<(Vec<String>, Instant)>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -78,7 +82,15 @@ impl Monitor {
             .filter_map(Alert::from_row)
             .map(|a| (a.fingerprint.clone(), a))
             .collect();
+        let membership = config
+            .common
+            .redis_url
+            .as_ref()
+            .map(|url| events::Membership::new(url, crate::NAME, &uuid::Uuid::new_v4().to_string()))
+            .transpose()?;
         Ok(Arc::new(Self {
+            membership,
+            members: Mutex::new(None),
             token: config.common.token.clone(),
             client: HttpClient::new(Duration::from_secs(5)),
             config,
@@ -106,7 +118,117 @@ impl Monitor {
             tokio::spawn(self.clone().follow(event_metrics)),
             tokio::spawn(self.clone().schedule()),
             tokio::spawn(self.clone().tick()),
+            tokio::spawn(self.clone().membership()),
         ]
+    }
+
+    /// Leaves the group on a clean shutdown, so that the others take over at once.
+    pub async fn leave(&self) {
+        if let Some(membership) = &self.membership {
+            membership.leave().await;
+        }
+    }
+
+    // --- Sharing the fleet with other monitors ------------------------------------------
+
+    /// How often membership is refreshed, and how long a silent member counts as alive:
+    /// together well under one check interval, so that a dead monitor's instances are
+    /// taken over within one interval.
+    fn beat_period(&self) -> (Duration, Duration) {
+        let beat =
+            (self.config.interval / 5).clamp(Duration::from_millis(50), Duration::from_secs(2));
+        (beat, beat * 3)
+    }
+
+    /// Whether this monitor checks `key` (an instance id) or keeps its alerts. Without
+    /// Redis, or when membership is stale, it does everything: checking twice is better
+    /// than not checking.
+    pub fn owns(&self, key: &str) -> bool {
+        let Some(membership) = &self.membership else {
+            return true;
+        };
+        let (_, ttl) = self.beat_period();
+        match &*lock(&self.members) {
+            Some((members, at)) if at.elapsed() <= ttl => {
+                events::owner(members, key) == Some(membership.member())
+            }
+            _ => true,
+        }
+    }
+
+    async fn membership(self: Arc<Self>) {
+        let Some(membership) = self.membership.clone() else {
+            return;
+        };
+        let (beat, ttl) = self.beat_period();
+        let mut ticker = tokio::time::interval(beat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            match membership.beat(ttl).await {
+                Ok(members) => {
+                    let changed = {
+                        let mut current = lock(&self.members);
+                        let changed = current.as_ref().is_none_or(|(old, _)| *old != members);
+                        *current = Some((members.clone(), Instant::now()));
+                        changed
+                    };
+                    if changed {
+                        tracing::info!(?members, "monitors in the group changed");
+                        self.rebalanced().await;
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "cannot refresh the monitors' membership"),
+            }
+        }
+    }
+
+    /// After a membership change: check the instances this monitor now owns soon, and
+    /// reload the alerts (another monitor may have kept some that are now this one's).
+    async fn rebalanced(&self) {
+        let (beat, _) = self.beat_period();
+        let ids: Vec<String> = lock(&self.entries).keys().cloned().collect();
+        let owned: Vec<String> = ids.into_iter().filter(|id| self.owns(id)).collect();
+        let scheduled: Vec<(String, u64)> = {
+            let mut entries = lock(&self.entries);
+            owned
+                .into_iter()
+                .filter_map(|id| {
+                    let entry = entries.get_mut(&id)?;
+                    entry.generation += 1;
+                    Some((id, entry.generation))
+                })
+                .collect()
+        };
+        {
+            let mut queue = lock(&self.queue);
+            for (id, generation) in scheduled {
+                queue.push(Reverse((
+                    Instant::now() + beat.mul_f64(fastrand::f64()),
+                    generation,
+                    id,
+                )));
+            }
+        }
+        let since = (Utc::now() - chrono::Duration::hours(24)).naive_utc();
+        match self
+            .db
+            .run(move |conn| store::load_alerts(conn, since))
+            .await
+        {
+            Ok(rows) => {
+                let stored: Vec<Alert> = rows.into_iter().filter_map(Alert::from_row).collect();
+                let mut book = lock(&self.alerts);
+                for alert in stored {
+                    // Another monitor's record is the truth for what it kept; this
+                    // monitor's own records it knows best itself.
+                    if !book.contains_key(&alert.fingerprint) || !self.owns(&alert.owner_key()) {
+                        book.insert(alert.fingerprint.clone(), alert);
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot reload the alerts"),
+        }
     }
 
     // --- Following the registry -------------------------------------------------------
@@ -114,7 +236,7 @@ impl Monitor {
     async fn follow(self: Arc<Self>, event_metrics: EventMetrics) {
         let mut subscription = match events::subscribe(
             self.config.common.redis_url.as_ref(),
-            &[Channel::Registry],
+            &[Channel::Registry, Channel::Health],
             self.config.common.resync_interval,
             event_metrics,
         ) {
@@ -134,6 +256,15 @@ impl Monitor {
                     }
                     Event::InstanceDeregistered { instance_id, .. } => {
                         lock(&self.entries).remove(&instance_id);
+                    }
+                    // Another monitor's findings: the state of instances this one does not check.
+                    Event::HealthChanged {
+                        instance_id, to, ..
+                    } if !self.owns(&instance_id) => {
+                        if let Some(entry) = lock(&self.entries).get_mut(&instance_id) {
+                            entry.tracker.state = to;
+                            entry.tracker.since = envelope.at;
+                        }
                     }
                     _ => {}
                 },
@@ -174,6 +305,10 @@ impl Monitor {
         let id = instance.instance_id.clone();
         let mut entries = lock(&self.entries);
         if let Some(entry) = entries.get_mut(&id) {
+            if !self.owns(&id) {
+                entry.tracker.state = instance.health;
+                entry.tracker.since = instance.health_since;
+            }
             entry.instance = instance;
             return;
         }
@@ -212,6 +347,18 @@ impl Monitor {
                 let Some(Reverse((_, generation, id))) = due else {
                     break;
                 };
+                if !self.owns(&id) {
+                    // Another monitor checks it; look again in an interval, in case it dies.
+                    let mut entries = lock(&self.entries);
+                    if let Some(entry) = entries.get_mut(&id).filter(|e| e.generation == generation)
+                    {
+                        entry.generation += 1;
+                        let next = (now + self.config.interval, entry.generation, id);
+                        drop(entries);
+                        lock(&self.queue).push(Reverse(next));
+                    }
+                    continue;
+                }
                 let target = {
                     let entries = lock(&self.entries);
                     entries
@@ -340,13 +487,16 @@ impl Monitor {
             self.count_states(&fleet);
             let changed = {
                 let pairs: Vec<_> = fleet.iter().map(|e| (&e.instance, &e.tracker)).collect();
-                let conditions = alerts::evaluate(&pairs, &self.config.rules, Utc::now());
+                let mut conditions = alerts::evaluate(&pairs, &self.config.rules, Utc::now());
+                conditions.retain(|c| self.owns(&c.owner_key()));
                 let mut book = lock(&self.alerts);
+                let owned = |alert: &Alert| self.owns(&alert.owner_key());
                 let changed = alerts::reconcile(
                     &mut book,
                     conditions,
                     self.config.rules.escalate_after,
                     Utc::now(),
+                    &owned,
                 );
                 self.count_alerts(&book);
                 changed
@@ -386,7 +536,7 @@ impl Monitor {
             }
             let pending: Vec<Alert> = lock(&self.alerts)
                 .values()
-                .filter(|a| a.needs(&webhook.url))
+                .filter(|a| a.needs(&webhook.url) && self.owns(&a.owner_key()))
                 .cloned()
                 .collect();
             for alert in pending {
@@ -428,6 +578,7 @@ impl Monitor {
         for entry in fleet {
             if entry.tracker.state != HealthState::Offline
                 || blamed.contains(entry.instance.service.as_str())
+                || !self.owns(&entry.instance.instance_id)
             {
                 continue;
             }

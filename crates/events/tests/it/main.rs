@@ -225,3 +225,20 @@ async fn the_shared_limit_is_exact_across_connections_and_refills_by_the_interva
     tokio::time::sleep(Duration::from_millis(60)).await;
     assert!(two.gcra("test:fast", 50_000, 50_000).await.unwrap().allowed);
 }
+
+#[tokio::test]
+async fn members_see_each_other_and_a_silent_one_expires() {
+    let server = RedisServer::start().unwrap();
+    let a = events::Membership::new(&url(&server), "test", "a").unwrap();
+    let b = events::Membership::new(&url(&server), "test", "b").unwrap();
+    let ttl = Duration::from_millis(300);
+    assert_eq!(a.beat(ttl).await.unwrap(), ["a"]);
+    assert_eq!(b.beat(ttl).await.unwrap(), ["a", "b"]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(a.beat(ttl).await.unwrap(), ["a", "b"]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(a.beat(ttl).await.unwrap(), ["a"], "b stopped beating");
+    b.beat(ttl).await.unwrap();
+    b.leave().await;
+    assert_eq!(a.beat(ttl).await.unwrap(), ["a"], "b left");
+}

@@ -3,4 +3,5 @@
 mod alerting;
 mod basics;
 mod checks;
+mod scale;
 mod support;

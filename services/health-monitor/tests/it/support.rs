@@ -214,6 +214,8 @@ pub enum Mode {
 pub struct Upstream {
     pub port: u16,
     pub mode: Arc<Mutex<Mode>>,
+    /// Checks received.
+    pub hits: Arc<std::sync::atomic::AtomicU64>,
     task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
@@ -223,17 +225,20 @@ impl Upstream {
         let upstream = Self {
             port: listener.local_addr().unwrap().port(),
             mode: Arc::new(Mutex::new(mode)),
+            hits: Arc::default(),
             task: Arc::default(),
         };
         let mode = upstream.mode.clone();
+        let hits = upstream.hits.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let mode = mode.clone();
+                let (mode, hits) = (mode.clone(), hits.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                        hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let mode = *mode.lock().unwrap();
                         async move { Ok::<_, Infallible>(answer(mode).await) }
                     });
@@ -361,6 +366,20 @@ impl Receiver {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+impl Stack {
+    /// Another monitor over the same registry, database and Redis.
+    pub async fn another_monitor(&self, monitor_env: &[(&str, &str)]) -> ServiceProcess {
+        spawn_monitor(
+            &self.vault,
+            &self.registry,
+            &self.monitor_db.url,
+            self.redis.as_deref(),
+            monitor_env,
+        )
+        .await
     }
 }
 
