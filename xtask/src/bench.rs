@@ -11,15 +11,16 @@ use testkit::PgCluster;
 use crate::{cargo, http, install, repo_root};
 
 mod gateway;
+mod monitor;
 
-const USAGE: &str =
-    "usage: cargo xtask bench vault|registry|gateway [--seconds N] [--connections N]";
+const USAGE: &str = "usage: cargo xtask bench vault|registry|gateway|health-monitor [--seconds N] [--connections N]";
 
 pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("vault") => vault(&Options::parse(&args[1..])?),
         Some("registry") => registry(&Options::parse(&args[1..])?),
         Some("gateway") => gateway::run(&Options::parse(&args[1..])?),
+        Some("health-monitor") => monitor::run(&Options::parse(&args[1..])?),
         _ => bail!("{USAGE}"),
     }
 }

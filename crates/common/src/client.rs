@@ -12,8 +12,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 
-/// The largest answer read from another Concierge service.
-const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+/// The largest answer read from another Concierge service (the full catalog of 10,000
+/// instances is about 5 MiB).
+const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

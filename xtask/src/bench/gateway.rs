@@ -198,7 +198,7 @@ fn print_line(name: &str, load: &Load, cpu: Option<f64>, seconds: u64) {
 }
 
 /// User plus system CPU time of a process so far, in seconds (from /proc/PID/stat).
-fn cpu_seconds(pid: u32) -> Result<f64> {
+pub(super) fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
     // The command name may hold spaces; the fields after its closing parenthesis do not.
@@ -222,7 +222,7 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
 }
 
 /// Lets this process and its children (wrk, the proxies) hold 10,000 connections and more.
-fn raise_file_limit() -> Result<()> {
+pub(super) fn raise_file_limit() -> Result<()> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     const WANTED: u64 = 200_000;
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
@@ -240,7 +240,7 @@ fn raise_file_limit() -> Result<()> {
 }
 
 /// An nginx in the foreground as one process (master_process off): its pid is the worker.
-fn nginx(dir: &Path, name: &str, server: &str) -> Result<Guard> {
+pub(super) fn nginx(dir: &Path, name: &str, server: &str) -> Result<Guard> {
     let conf = dir.join(format!("nginx-{name}.conf"));
     let tmp = dir.join(format!("nginx-{name}"));
     std::fs::create_dir_all(&tmp)?;
