@@ -70,10 +70,20 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(web::resource("/api/health/system").route(web::get().to(system)))
         .service(web::resource("/api/health/services").route(web::get().to(services)))
         .service(web::resource("/api/health/services/{name}").route(web::get().to(service)))
-        .service(web::resource("/api/health/alerts").route(web::get().to(alerts)));
+        .service(web::resource("/api/health/alerts").route(web::get().to(alerts)))
+        .service(web::resource("/api/openapi.json").route(web::get().to(openapi)));
 }
 
 type Data = web::Data<Api>;
+
+/// The OpenAPI document, kept beside the code it describes and checked by a test.
+const OPENAPI: &str = include_str!("../openapi.json");
+
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(OPENAPI)
+}
 
 async fn allowed(api: &Api, req: &HttpRequest) -> Result<(), ApiError> {
     let header = req

@@ -194,3 +194,9 @@ async fn bad_configuration_stops_the_monitor_with_a_clear_error() {
         assert!(stderr.contains(var), "{var}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_served_operations() {
+    let stack = Stack::start(None, &[]).await;
+    common::testing::check_openapi_routes(&stack.monitor.url(""), stack.admin(), 8).await;
+}
