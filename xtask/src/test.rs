@@ -73,13 +73,21 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// PostgreSQL and Redis from Debian's packages when their binaries are missing.
+/// PostgreSQL and Redis, and Podman with Buildah and runc (the monitor restarts a real
+/// container through Podman's Docker-compatible API), from Debian's packages when missing.
 fn ensure_installed() -> Result<()> {
+    use crate::install::on_path;
     crate::install::ensure(
         "the tests",
         &[
             ("postgresql", testkit::find_pg_bindir().is_some()),
             ("redis-server", testkit::find_redis_server().is_some()),
+            ("podman", on_path("podman")),
+            ("buildah", on_path("buildah")),
+            (
+                "runc",
+                on_path("runc") || std::path::Path::new("/usr/sbin/runc").exists(),
+            ),
         ],
     )?;
     if testkit::find_pg_bindir().is_none() || testkit::find_redis_server().is_none() {

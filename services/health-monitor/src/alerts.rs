@@ -225,6 +225,15 @@ impl Alert {
         owner_key(&self.service, self.instance_id.as_deref())
     }
 
+    /// Whether the alert has fired long enough to be sent: like Alertmanager's group wait,
+    /// it gives a dependency's alert time to claim this one before anyone is paged.
+    pub fn settled(&self, now: DateTime<Utc>, wait: Duration) -> bool {
+        !self.firing
+            || !self.notified.is_empty()
+            || now - self.started_at
+                >= chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX)
+    }
+
     /// Whether `webhook` still has to be told something. An alert blamed on a dependency
     /// is not paged on its own; only a notice already begun is brought to its end.
     pub fn needs(&self, webhook: &str) -> bool {
@@ -417,6 +426,13 @@ mod tests {
                 .iter()
                 .all(|a| a.severity == Severity::Warning && a.needs("hook"))
         );
+        let wait = Duration::from_secs(10);
+        assert!(
+            fired.iter().all(|a| !a.settled(now, wait)),
+            "held for the group wait"
+        );
+        let after_wait = now + chrono::Duration::seconds(10);
+        assert!(fired.iter().all(|a| a.settled(after_wait, wait)));
         // The same conditions again: nothing new (deduplicated).
         assert!(
             reconcile(

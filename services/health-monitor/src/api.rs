@@ -111,7 +111,7 @@ fn instance_view(api: &Api, entry: &Entry) -> Value {
         .map(|rows| {
             rows.iter()
                 .filter(|r| r.instance_id == entry.instance.instance_id)
-                .map(|r| json!({"attempt": r.attempt, "at": r.at.and_utc(), "outcome": r.outcome, "detail": r.detail}))
+                .map(|r| json!({"attempt": r.attempt, "action": r.action, "at": r.at.and_utc(), "outcome": r.outcome, "detail": r.detail}))
                 .collect()
         })
         .unwrap_or_default();

@@ -78,6 +78,14 @@ pub struct Config {
     /// `ALERT_WEBHOOKS`: comma-separated URLs, `alertmanager=` before one that speaks
     /// Alertmanager's API.
     pub webhooks: Vec<Webhook>,
+    /// `ALERT_GROUP_WAIT`: how long a new alert waits before it is sent, so that the
+    /// alert of a dependency that is down can claim it first.
+    pub group_wait: Duration,
+    /// `DOCKER_HOST` (`unix:///path/to/docker.sock`): turns on container restarts.
+    pub docker_socket: Option<std::path::PathBuf>,
+    /// `RESTART_BUDGET` restarts at most within `RESTART_BUDGET_WINDOW`, fleet-wide.
+    pub restart_budget: usize,
+    pub restart_budget_window: Duration,
 }
 
 impl Config {
@@ -129,6 +137,25 @@ impl Config {
             rules,
             webhooks: webhooks(env.raw("ALERT_WEBHOOKS").unwrap_or(""))
                 .map_err(|problem| ConfigError::new("ALERT_WEBHOOKS", problem))?,
+            docker_socket: match env.raw("DOCKER_HOST") {
+                None => None,
+                Some(raw) => Some(
+                    raw.trim()
+                        .strip_prefix("unix://")
+                        .filter(|path| path.starts_with('/'))
+                        .map(std::path::PathBuf::from)
+                        .ok_or_else(|| {
+                            ConfigError::new(
+                                "DOCKER_HOST",
+                                "expected unix:///path/to/the/engine.sock",
+                            )
+                        })?,
+                ),
+            },
+            group_wait: env.duration_or("ALERT_GROUP_WAIT", Duration::from_secs(10))?,
+            restart_budget: env.or("RESTART_BUDGET", 5)?,
+            restart_budget_window: env
+                .duration_or("RESTART_BUDGET_WINDOW", Duration::from_secs(3600))?,
             interval,
             timeout,
             common,

@@ -9,6 +9,7 @@
 pub mod alerts;
 pub mod api;
 pub mod config;
+pub mod docker;
 pub mod metrics;
 pub mod monitor;
 pub mod notify;

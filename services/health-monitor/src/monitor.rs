@@ -568,7 +568,11 @@ impl Monitor {
             }
             let pending: Vec<Alert> = lock(&self.alerts)
                 .values()
-                .filter(|a| a.needs(&webhook.url) && self.owns(&a.owner_key()))
+                .filter(|a| {
+                    a.needs(&webhook.url)
+                        && a.settled(Utc::now(), self.config.group_wait)
+                        && self.owns(&a.owner_key())
+                })
                 .cloned()
                 .collect();
             for alert in pending {
@@ -621,9 +625,27 @@ impl Monitor {
             if !recovery::due(&policy, &attempts, entry.tracker.since, now) {
                 continue;
             }
+            if matches!(policy.action, recovery::Action::Restart(_)) && !self.restart_allowed(now) {
+                continue;
+            }
             self.attempt_recovery(entry, &policy, attempts.count + 1)
                 .await;
         }
+    }
+
+    /// Whether a container restart fits the fleet-wide budget (and restarts are on).
+    fn restart_allowed(&self, now: chrono::DateTime<Utc>) -> bool {
+        if self.config.docker_socket.is_none() {
+            return false;
+        }
+        let window = chrono::Duration::from_std(self.config.restart_budget_window)
+            .unwrap_or(chrono::Duration::MAX);
+        let since = (now - window).naive_utc();
+        let spent = lock(&self.recoveries)
+            .iter()
+            .filter(|r| r.action == "restart" && r.at >= since)
+            .count();
+        spent < self.config.restart_budget
     }
 
     /// The attempts made for `instance_id` in its outage that began at `since`.
@@ -642,6 +664,18 @@ impl Monitor {
         }
     }
 
+    async fn call_webhook(&self, url: &str, body: &serde_json::Value) -> Result<(), String> {
+        let request = http::Request::post(url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(bytes::Bytes::from(body.to_string()))
+            .map_err(|e| e.to_string())?;
+        match self.client.send(request).await {
+            Ok(response) if response.status.is_success() => Ok(()),
+            Ok(response) => Err(format!("answered {}", response.status)),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
     async fn attempt_recovery(&self, entry: &Entry, policy: &Policy, attempt: u32) {
         let instance = &entry.instance;
         let body = json!({
@@ -653,16 +687,17 @@ impl Monitor {
             "attempt": attempt,
             "max_attempts": policy.max_attempts,
         });
-        let request = http::Request::post(&policy.webhook)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(bytes::Bytes::from(body.to_string()));
-        let outcome = match request {
-            Ok(request) => match self.client.send(request).await {
-                Ok(response) if response.status.is_success() => Ok(()),
-                Ok(response) => Err(format!("answered {}", response.status)),
-                Err(error) => Err(error.to_string()),
-            },
-            Err(error) => Err(error.to_string()),
+        let (action, outcome) = match &policy.action {
+            recovery::Action::Webhook(url) => ("webhook", self.call_webhook(url, &body).await),
+            recovery::Action::Restart(container) => {
+                let outcome = match &self.config.docker_socket {
+                    Some(socket) => {
+                        crate::docker::restart(socket, container, Duration::from_secs(10)).await
+                    }
+                    None => Err("DOCKER_HOST is not set".to_owned()),
+                };
+                ("restart", outcome)
+            }
         };
         self.metrics.recovery(outcome.is_ok());
         tracing::info!(
@@ -670,13 +705,15 @@ impl Monitor {
             instance = %instance.instance_id,
             attempt,
             ok = outcome.is_ok(),
-            "recovery webhook called"
+                        action,
+            "recovery attempted"
         );
         let row = RecoveryRow {
             id: uuid::Uuid::new_v4().to_string(),
             service: instance.service.to_string(),
             instance_id: instance.instance_id.clone(),
             attempt: i32::try_from(attempt).unwrap_or(i32::MAX),
+            action: action.to_owned(),
             at: Utc::now().naive_utc(),
             outcome: if outcome.is_ok() { "ok" } else { "failed" }.to_owned(),
             detail: outcome.err().unwrap_or_default(),

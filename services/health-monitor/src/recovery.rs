@@ -2,7 +2,9 @@
 //! time, call the service's recovery webhook (an orchestrator's restart endpoint, say),
 //! with a cool-down between attempts and a limit on attempts per outage. Never when the
 //! outage is blamed on a dependency. Declared in the registration's metadata:
-//! `"recovery": {"webhook": "http://…", "after": "60s", "cooldown": "5m", "max_attempts": 3}`.
+//! `"recovery": {"webhook": "http://…", "after": "60s", "cooldown": "5m", "max_attempts": 3}`,
+//! or, with `DOCKER_HOST` set, `"recovery": {"container": "NAME", …}` to restart the
+//! instance's container through the engine's API, within a global restart budget.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -12,9 +14,18 @@ use common::api::Instance;
 use common::config::HumanDuration;
 
 /// One instance's recovery settings.
+/// What a recovery attempt does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// `POST` the instance's details to this URL.
+    Webhook(String),
+    /// Restart this container through the engine API.
+    Restart(String),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
-    pub webhook: String,
+    pub action: Action,
     pub after: Duration,
     pub cooldown: Duration,
     pub max_attempts: u32,
@@ -24,10 +35,14 @@ impl Policy {
     /// The instance's policy, if its metadata declares a usable one.
     pub fn of(instance: &Instance) -> Option<Self> {
         let recovery = instance.metadata.get("recovery")?;
-        let webhook = recovery.get("webhook")?.as_str()?;
-        if !webhook.starts_with("http://") {
-            return None;
-        }
+        let text = |key: &str| recovery.get(key).and_then(|v| v.as_str());
+        let action = match (text("webhook"), text("container")) {
+            (Some(url), None) if url.starts_with("http://") => Action::Webhook(url.to_owned()),
+            (None, Some(container)) if !container.is_empty() => {
+                Action::Restart(container.to_owned())
+            }
+            _ => return None,
+        };
         let duration = |key: &str, default: Duration| {
             recovery
                 .get(key)
@@ -36,7 +51,7 @@ impl Policy {
                 .map_or(default, |d| d.0)
         };
         Some(Self {
-            webhook: webhook.to_owned(),
+            action,
             after: duration("after", Duration::from_secs(60)),
             cooldown: duration("cooldown", Duration::from_secs(300)),
             max_attempts: recovery
@@ -82,7 +97,7 @@ mod tests {
     #[test]
     fn attempts_wait_respect_the_cooldown_and_stop_at_the_limit() {
         let policy = Policy {
-            webhook: "http://x".into(),
+            action: Action::Webhook("http://x".into()),
             after: Duration::from_secs(10),
             cooldown: Duration::from_secs(60),
             max_attempts: 2,

@@ -27,6 +27,7 @@ diesel::table! {
         service -> Text,
         instance_id -> Text,
         attempt -> Integer,
+        action -> Text,
         at -> Timestamp,
         outcome -> Text,
         detail -> Text,

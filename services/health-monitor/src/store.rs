@@ -77,6 +77,8 @@ pub struct RecoveryRow {
     pub service: String,
     pub instance_id: String,
     pub attempt: i32,
+    /// `webhook` or `restart`.
+    pub action: String,
     pub at: NaiveDateTime,
     pub outcome: String,
     pub detail: String,

@@ -10,6 +10,7 @@ CREATE TABLE recovery_attempts (
     service TEXT NOT NULL,
     instance_id TEXT NOT NULL,
     attempt INTEGER NOT NULL,
+    action TEXT NOT NULL,
     at TIMESTAMP NOT NULL,
     outcome TEXT NOT NULL,
     detail TEXT NOT NULL

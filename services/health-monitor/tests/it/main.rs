@@ -3,5 +3,6 @@
 mod alerting;
 mod basics;
 mod checks;
+mod containers;
 mod scale;
 mod support;

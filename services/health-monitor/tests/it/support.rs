@@ -26,6 +26,7 @@ pub const FAST: &[(&str, &str)] = &[
     ("FAILURES_TO_OFFLINE", "3"),
     ("PASSES_TO_HEALTHY", "2"),
     ("RESYNC_INTERVAL", "1s"),
+    ("ALERT_GROUP_WAIT", "1s"),
 ];
 
 pub struct Stack {
