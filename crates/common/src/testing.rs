@@ -495,6 +495,64 @@ impl VaultFixture {
     }
 }
 
+/// A real service-registry process beside a [`VaultFixture`], on its own SQLite file, for
+/// the tests of the registry's consumers (the gateway, the monitor). Heartbeats are slow
+/// enough that instances registered by a test stay healthy unless it says otherwise.
+#[derive(Debug)]
+pub struct RegistryFixture {
+    pub process: ServiceProcess,
+    _db: TestDb,
+}
+
+impl RegistryFixture {
+    pub async fn start(vault: &VaultFixture, redis: Option<&str>) -> Self {
+        let db = TestDb::sqlite();
+        let vault_url = vault.url();
+        let token = vault.token_file("service-registry");
+        let mut env = vec![
+            ("DATABASE_URL", db.url.expose()),
+            ("VAULT_URL", vault_url.as_str()),
+            ("TOKEN_FILE", token.to_str().unwrap()),
+            ("HEARTBEAT_INTERVAL", "10m"),
+            ("DEREGISTER_AFTER", "1h"),
+        ];
+        if let Some(redis) = redis {
+            env.push(("REDIS_URL", redis));
+        }
+        let binary = workspace_binary("service-registry");
+        let mut process = ServiceProcess::spawn(binary.to_str().unwrap(), &env);
+        process.wait_healthy().await;
+        Self { process, _db: db }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        self.process.url(path)
+    }
+
+    /// Registers an instance of `service` at `address:port` with `token` (an admin's, say);
+    /// `extra` adds or replaces fields of the registration. Panics unless the answer is 201.
+    pub async fn register(
+        &self,
+        token: &str,
+        service: &str,
+        id: &str,
+        (address, port): (&str, u16),
+        extra: serde_json::Value,
+    ) {
+        let mut body = serde_json::json!({
+            "name": service, "instance_id": id, "address": address, "port": port,
+            "health_endpoint": "/health",
+        });
+        if let (Some(body), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
+            body.extend(extra);
+        }
+        let client = crate::client::HttpClient::new(std::time::Duration::from_secs(30));
+        let url = self.url("/api/services/register");
+        let answer = send_json(&client, "POST", &url, Some(token), Some(body)).await;
+        assert_eq!(answer.status, 201, "{:?}", answer.json());
+    }
+}
+
 /// The service at `base` serves its OpenAPI document at `/api/openapi.json`, and every
 /// operation the document describes is a real route (not the "no route" 404, not a 405).
 /// Path parameters are filled with a UUID (`{id}`) or `payments` (any other name).

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use common::api::ServiceName;
 use common::hyper_server::Body;
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Response, StatusCode};
+use http::{Method, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
@@ -171,7 +171,5 @@ pub fn openapi() -> Response<Body> {
 }
 
 pub fn method_not_allowed() -> Response<Body> {
-    let mut response = common::problem::Problem::method_not_allowed().to_hyper();
-    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-    response
+    common::problem::Problem::method_not_allowed().to_hyper()
 }

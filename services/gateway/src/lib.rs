@@ -198,8 +198,9 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         .get::<RequestId>()
         .map_or_else(|| Arc::from("-"), |id| id.0.clone());
     let method = req.method().clone();
-    let path = truncate(req.uri().path(), 256);
-    let served = match dispatch(shared, req).await {
+    // One copy of the path serves the routing and, cut short, the access log.
+    let mut path = req.uri().path().to_owned();
+    let served = match dispatch(shared, req, &path).await {
         Ok(served) => served,
         Err((error, route)) => {
             match error.source() {
@@ -225,6 +226,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let sample = shared.config.access_log_sample;
     let write = status >= 400 || sample >= 1.0 || (sample > 0.0 && fastrand::f64() < sample);
     response.extensions_mut().insert(RouteLabel(route.clone()));
+    truncate(&mut path, 256);
     let entry = access::Entry {
         method,
         path,
@@ -239,12 +241,12 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     response.map(|body| access::wrap(body, entry))
 }
 
-fn truncate(text: &str, max: usize) -> String {
+fn truncate(text: &mut String, max: usize) {
     let mut end = text.len().min(max);
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    text[..end].to_owned()
+    text.truncate(end);
 }
 
 type Failure = (GatewayError, Arc<str>);
@@ -253,26 +255,29 @@ fn unmatched(error: GatewayError) -> Failure {
     (error, Arc::from("unmatched"))
 }
 
-async fn dispatch(shared: &Shared, mut req: Request<Incoming>) -> Result<Served, Failure> {
-    let path = req.uri().path().to_owned();
-    routing::check(&path, req.uri().query()).map_err(|e| unmatched(GatewayError::BadTarget(e)))?;
+async fn dispatch(
+    shared: &Shared,
+    mut req: Request<Incoming>,
+    path: &str,
+) -> Result<Served, Failure> {
+    routing::check(path, req.uri().query()).map_err(|e| unmatched(GatewayError::BadTarget(e)))?;
     // Identity comes from the gateway alone, whatever the client sent.
     req.headers_mut().remove(proxy::SUBJECT_HEADER);
 
-    if routing::is_under(&path, "/api/gateway") {
-        return gateway_endpoint(shared, req, &path).await;
+    if routing::is_under(path, "/api/gateway") {
+        return gateway_endpoint(shared, req, path).await;
     }
 
     let table = shared.table.load_full();
     let route = table
-        .resolve(&path)
+        .resolve(path)
         .cloned()
         .ok_or_else(|| unmatched(GatewayError::NoRoute))?;
     let label = route.prefix.clone();
     let fail = |error: GatewayError| (error, label.clone());
-    let (policy_prefix, policy) = shared.config.policy_for(&path);
-    let needs_token = (route.control_plane && !table::PUBLIC_PATHS.contains(&path.as_str()))
-        || policy.require_token;
+    let (policy_prefix, policy) = shared.config.policy_for(path);
+    let needs_token =
+        (route.control_plane && !table::PUBLIC_PATHS.contains(&path)) || policy.require_token;
     let claims = if needs_token {
         Some(authenticate(shared, req.headers()).await.map_err(fail)?)
     } else {
@@ -292,9 +297,9 @@ async fn dispatch(shared: &Shared, mut req: Request<Incoming>) -> Result<Served,
     .map_err(fail)?;
 
     let upstream_path = if route.strip {
-        routing::strip(&path, &route.prefix)
+        routing::strip(path, &route.prefix)
     } else {
-        &path
+        path
     };
     let path_and_query = match req.uri().query() {
         Some(query) => format!("{upstream_path}?{query}"),
@@ -399,24 +404,22 @@ async fn rate_limit(
     label: &str,
 ) -> Result<Option<Decision>, GatewayError> {
     let mut tightest: Option<Decision> = None;
-    let client = match claims {
-        Some(claims) => format!("sub:{}", claims.sub),
-        None => peer.map_or_else(|| "ip:unknown".to_owned(), |ip| format!("ip:{ip}")),
-    };
-    let checks = [
-        (
-            "client",
-            policy.per_client,
-            format!("concierge:rl:{policy_prefix}:client:{client}"),
-        ),
-        (
-            "service",
-            policy.per_service,
-            format!("concierge:rl:{policy_prefix}:service:{service}"),
-        ),
-    ];
-    for (scope, rate, key) in checks {
+    // Keys are built only for the limits the route has: most routes have none.
+    for (scope, rate) in [
+        ("client", policy.per_client),
+        ("service", policy.per_service),
+    ] {
         let Some(rate) = rate else { continue };
+        let key = match (scope, claims) {
+            ("client", Some(claims)) => {
+                format!("concierge:rl:{policy_prefix}:client:sub:{}", claims.sub)
+            }
+            ("client", None) => match peer {
+                Some(ip) => format!("concierge:rl:{policy_prefix}:client:ip:{ip}"),
+                None => format!("concierge:rl:{policy_prefix}:client:ip:unknown"),
+            },
+            _ => format!("concierge:rl:{policy_prefix}:service:{service}"),
+        };
         let (decision, backend) = shared.limiter.check(&key, rate).await;
         shared.metrics.rate_decision(backend.as_str());
         if !decision.allowed {

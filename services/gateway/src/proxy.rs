@@ -510,7 +510,7 @@ impl http_body::Body for Tracked {
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
-        cx: &mut Context2<'_>,
+        cx: &mut std::task::Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
@@ -527,8 +527,6 @@ impl http_body::Body for Tracked {
         self.inner.size_hint()
     }
 }
-
-type Context2<'a> = std::task::Context<'a>;
 
 /// Whether the request failed because the client's body went over the limit.
 fn caused_by_body_limit(error: &(dyn std::error::Error + 'static)) -> bool {

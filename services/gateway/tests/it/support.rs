@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::client::{ClientResponse, HttpClient};
-use common::testing::{ServiceProcess, TestDb, VaultFixture, workspace_binary};
+use common::testing::{RegistryFixture, ServiceProcess, VaultFixture};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -20,11 +20,10 @@ pub const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
 /// The control plane for one test, with the gateway in front.
 pub struct Stack {
     pub vault: VaultFixture,
-    pub registry: ServiceProcess,
+    pub registry: RegistryFixture,
     pub gateway: ServiceProcess,
     pub client: HttpClient,
     redis: Option<String>,
-    _db: TestDb,
 }
 
 impl Stack {
@@ -43,20 +42,7 @@ impl Stack {
             .map(|url| vec![("REDIS_URL", url)])
             .unwrap_or_default();
         let vault = VaultFixture::start_with(&redis_env).await;
-        let db = TestDb::sqlite();
-        let vault_url = vault.url();
-        let registry_token = vault.token_file("service-registry");
-        let mut env = vec![
-            ("DATABASE_URL", db.url.expose()),
-            ("VAULT_URL", vault_url.as_str()),
-            ("TOKEN_FILE", registry_token.to_str().unwrap()),
-            ("HEARTBEAT_INTERVAL", "10m"),
-            ("DEREGISTER_AFTER", "1h"),
-        ];
-        env.extend_from_slice(&redis_env);
-        let binary = workspace_binary("service-registry");
-        let mut registry = ServiceProcess::spawn(binary.to_str().unwrap(), &env);
-        registry.wait_healthy().await;
+        let registry = RegistryFixture::start(&vault, redis.as_deref()).await;
         let client = HttpClient::new(Duration::from_secs(30));
         let gateway =
             spawn_gateway(&client, &vault, &registry, redis.as_deref(), gateway_env).await;
@@ -66,7 +52,6 @@ impl Stack {
             registry,
             client,
             redis,
-            _db: db,
         }
     }
 
@@ -88,18 +73,9 @@ impl Stack {
 
     /// Registers an instance of `service` at `port` on 127.0.0.1; `extra` adds fields.
     pub async fn register(&self, service: &str, id: &str, port: u16, extra: Value) {
-        let mut body = json!({
-            "name": service, "instance_id": id, "address": "127.0.0.1", "port": port,
-            "health_endpoint": "/health",
-        });
-        if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
-            body.extend(extra);
-        }
-        let url = self.registry.url("/api/services/register");
-        let answer =
-            common::testing::send_json(&self.client, "POST", &url, Some(self.admin()), Some(body))
-                .await;
-        assert_eq!(answer.status, 201, "{:?}", answer.json());
+        self.registry
+            .register(self.admin(), service, id, ("127.0.0.1", port), extra)
+            .await;
     }
 
     pub async fn deregister(&self, service: &str, id: &str) {
@@ -151,7 +127,7 @@ impl Stack {
 async fn spawn_gateway(
     client: &HttpClient,
     vault: &VaultFixture,
-    registry: &ServiceProcess,
+    registry: &RegistryFixture,
     redis: Option<&str>,
     extra: &[(&str, &str)],
 ) -> ServiceProcess {

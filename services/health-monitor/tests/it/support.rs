@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::client::{ClientResponse, HttpClient};
 use common::db::DatabaseUrl;
-use common::testing::{ServiceProcess, TestDb, VaultFixture, workspace_binary};
+use common::testing::{RegistryFixture, ServiceProcess, TestDb, VaultFixture};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 pub const MONITOR: &str = env!("CARGO_BIN_EXE_health-monitor");
 
@@ -31,12 +31,11 @@ pub const FAST: &[(&str, &str)] = &[
 
 pub struct Stack {
     pub vault: VaultFixture,
-    pub registry: ServiceProcess,
+    pub registry: RegistryFixture,
     pub monitor: ServiceProcess,
     pub monitor_db: TestDb,
     pub client: HttpClient,
     redis: Option<String>,
-    _registry_db: TestDb,
 }
 
 impl Stack {
@@ -44,20 +43,7 @@ impl Stack {
         let redis_env: Vec<(&str, &str)> =
             redis.map(|r| vec![("REDIS_URL", r)]).unwrap_or_default();
         let vault = VaultFixture::start_with(&redis_env).await;
-        let registry_db = TestDb::sqlite();
-        let vault_url = vault.url();
-        let token = vault.token_file("service-registry");
-        let mut env = vec![
-            ("DATABASE_URL", registry_db.url.expose()),
-            ("VAULT_URL", vault_url.as_str()),
-            ("TOKEN_FILE", token.to_str().unwrap()),
-            ("HEARTBEAT_INTERVAL", "10m"),
-            ("DEREGISTER_AFTER", "1h"),
-        ];
-        env.extend_from_slice(&redis_env);
-        let binary = workspace_binary("service-registry");
-        let mut registry = ServiceProcess::spawn(binary.to_str().unwrap(), &env);
-        registry.wait_healthy().await;
+        let registry = RegistryFixture::start(&vault, redis).await;
         let monitor_db = TestDb::sqlite();
         let client = HttpClient::new(Duration::from_secs(30));
         let monitor = spawn_monitor(&vault, &registry, &monitor_db.url, redis, monitor_env).await;
@@ -68,7 +54,6 @@ impl Stack {
             monitor_db,
             client,
             redis: redis.map(str::to_owned),
-            _registry_db: registry_db,
         }
     }
 
@@ -90,18 +75,9 @@ impl Stack {
     }
 
     pub async fn register(&self, service: &str, id: &str, address: &str, port: u16, extra: Value) {
-        let mut body = json!({
-            "name": service, "instance_id": id, "address": address, "port": port,
-            "health_endpoint": "/health",
-        });
-        if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
-            body.extend(extra);
-        }
-        let url = self.registry.url("/api/services/register");
-        let answer =
-            common::testing::send_json(&self.client, "POST", &url, Some(self.admin()), Some(body))
-                .await;
-        assert_eq!(answer.status, 201, "{:?}", answer.json());
+        self.registry
+            .register(self.admin(), service, id, (address, port), extra)
+            .await;
     }
 
     pub async fn monitor_get(&self, path: &str) -> ClientResponse {
@@ -169,7 +145,7 @@ impl Stack {
 
 async fn spawn_monitor(
     vault: &VaultFixture,
-    registry: &ServiceProcess,
+    registry: &RegistryFixture,
     db: &DatabaseUrl,
     redis: Option<&str>,
     extra: &[(&str, &str)],
