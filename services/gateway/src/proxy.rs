@@ -296,7 +296,7 @@ pub async fn forward(
                 };
                 // A connect error never reached the instance; a reset may have, so only
                 // an idempotent request goes again.
-                let may_retry = replayable && (connect || idempotent);
+                let may_retry = replayable && (failure.retryable() || idempotent);
                 let reason = if connect { "connect" } else { "reset" };
                 if !(may_retry && retry(cx, pool, &tried, reason)) {
                     return Err(failure);

@@ -3,7 +3,6 @@
 //! in Redis, so that the limit holds across gateway replicas; without it, per process.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -42,12 +41,6 @@ impl FromStr for Rate {
             return Err("the period is at most a day".to_owned());
         }
         Ok(Self { limit, period })
-    }
-}
-
-impl fmt::Display for Rate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}ms", self.limit, self.period.as_millis())
     }
 }
 
