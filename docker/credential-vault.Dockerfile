@@ -1,28 +1,61 @@
 # syntax=docker/dockerfile:1
-# The credential-vault image: one service, one binary, no shell or compiler at run time.
-# Build from the repository root: docker build -f docker/credential-vault.Dockerfile -t concierge/credential-vault .
+# The credential-vault image: one service, one binary, nothing to build with at run time.
+#
+#   docker build -f docker/credential-vault.Dockerfile -t concierge/credential-vault .
+#   cargo xtask build-images credential-vault          (Docker buildx or Podman, tags and sizes)
+#
+# Stages:
+#   chef     the Rust toolchain, the C libraries the binary links, and cargo-chef;
+#   planner  the dependency recipe (manifests and Cargo.lock only);
+#   builder  the dependencies in a layer of their own (rebuilt only when the recipe
+#            changes), then the credential-vault binary, then its root filesystem in /out
+#            by docker/rootfs.sh: the binary, exactly the shared libraries it links,
+#            CA certificates and the non-root user;
+#   runtime  FROM scratch with /out and nothing else: no shell, no package manager.
+#
+# Where no base image can be pulled, the builder stage is replaced by a directory the
+# host prepares with the same docker/rootfs.sh from its own release build:
+#   buildah build --build-context builder=target/images/credential-vault -f docker/credential-vault.Dockerfile .
+# (`cargo xtask build-images --prebuilt` does that; `cargo xtask test` proves the images.)
 
 ARG RUST_VERSION=1.95
 
-FROM rust:${RUST_VERSION}-bookworm AS builder
-ENV CARGO_INCREMENTAL=0
+FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS chef
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libpq-dev libsqlite3-dev ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+RUN cargo install cargo-chef --locked --version 0.1.78
 WORKDIR /src
-COPY . .
-RUN cargo build --release --locked --package credential-vault \
-    && mkdir -p /out/usr/local/bin \
-    && cp target/release/credential-vault /out/usr/local/bin/ \
-    # Exactly the shared libraries the binary links (libpq and its own dependencies).
-    && ldd target/release/credential-vault | awk '$3 ~ /^\// { print $3 }' | xargs -I{} cp -L --parents {} /out/
 
-# distroless/cc: glibc, CA certificates and a nonroot user; no shell, no package manager.
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM chef AS planner
+COPY . .
+RUN cargo chef prepare --bin credential-vault --recipe-path recipe.json
+
+FROM chef AS builder
+COPY --from=planner /src/recipe.json recipe.json
+RUN cargo chef cook --release --bin credential-vault --recipe-path recipe.json
+COPY . .
+RUN cargo build --release --locked --bin credential-vault \
+    && sh docker/rootfs.sh target/release/credential-vault /out
+
+FROM scratch AS runtime
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+ARG SOURCE=unknown
 COPY --from=builder /out/ /
 ENV LISTEN_ADDR=0.0.0.0:8081 LOG_FORMAT=json
-EXPOSE 8081
 USER 65532:65532
+EXPOSE 8081
 STOPSIGNAL SIGTERM
-HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 CMD ["/usr/local/bin/credential-vault", "healthcheck"]
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["/usr/local/bin/credential-vault", "healthcheck"]
 LABEL org.opencontainers.image.title="concierge-credential-vault" \
-      org.opencontainers.image.description="Concierge credential-vault" \
+      org.opencontainers.image.description="Concierge credential vault: encrypted, versioned credentials, tokens and a tamper-evident audit log" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.source="${SOURCE}" \
       org.opencontainers.image.licenses="Apache-2.0"
 ENTRYPOINT ["/usr/local/bin/credential-vault"]

@@ -42,7 +42,31 @@ pub fn request(
         .get(9..12)
         .and_then(|code| code.parse().ok())
         .context("no status line")?;
-    Ok((status, body.to_owned()))
+    let chunked = head.lines().any(|line| {
+        line.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_owned()
+    };
+    Ok((status, body))
+}
+
+/// A chunked body's content (Prometheus' API answers large results chunked).
+fn dechunk(mut body: &str) -> Result<String> {
+    let mut content = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").context("a cut-off chunk size")?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or_default().trim(), 16)
+            .context("a malformed chunk size")?;
+        if size == 0 {
+            return Ok(content);
+        }
+        content.push_str(rest.get(..size).context("a cut-off chunk")?);
+        body = rest.get(size + 2..).context("a chunk without its CRLF")?;
+    }
 }
 
 /// `GET path`'s status, or `None` if nothing answered.

@@ -1,13 +1,18 @@
 //! `cargo xtask`: the one home of Concierge's automation.
 //!
 //! - `cargo xtask up`: build and run the four services on the embedded default.
-//! - `cargo xtask test [ARGS…]`: start throwaway PostgreSQL and Redis, run the suite, tear down.
+//! - `cargo xtask test [ARGS…]`: start throwaway PostgreSQL and Redis, run the suite, tear
+//!   down; then prove the deployment (images, compose, Prometheus, dashboards, Kubernetes).
+//! - `cargo xtask build-images`: one container image per service.
 //! - `cargo xtask bench vault`: benchmarks that print figures side by side.
 
 mod bench;
+mod containers;
 mod http;
+mod images;
 mod install;
 mod ports;
+mod prove;
 mod test;
 mod up;
 
@@ -17,8 +22,14 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  up                 build and run the four services locally (SQLite under ./.data, no Redis)
-  test [ARGS...]     start PostgreSQL and Redis, run the workspace tests (ARGS go to nextest)
+  up [--data DIR]    build and run the four services locally (SQLite under ./.data, no Redis)
+  test               start PostgreSQL and Redis, run the workspace tests, then the deploy checks
+  test ARGS...       only the workspace tests; ARGS go to nextest (e.g. -E 'package(gateway)')
+  test deploy [CHECK...]
+                     only the deploy checks: lint, compose, prometheus, k8s, images, dashboards
+  build-images [SERVICE...] [--engine docker|podman] [--tag T] [--push REGISTRY] [--prebuilt]
+                     one image per service, tagged with the version and git revision;
+                     --prebuilt builds the binaries on this host instead of in the image
   bench vault        the vault's reads beside pgbench's inserts on one PostgreSQL server
   bench registry     discovery beside nginx serving the same body; event propagation times
 ";
@@ -27,7 +38,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("up") => up::run(&args[1..]),
+        Some("test") if args.get(1).is_some_and(|arg| arg == "deploy") => prove::run(&args[2..]),
         Some("test") => test::run(&args[1..]),
+        Some("build-images") => images::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("help" | "--help" | "-h") => {
             print!("{USAGE}");

@@ -1,4 +1,5 @@
-//! `cargo xtask test`: provision PostgreSQL and Redis, run the whole suite, tear down.
+//! `cargo xtask test`: provision PostgreSQL and Redis, run the whole suite, tear down;
+//! then the deploy checks ([`crate::prove`]) when no selection was given.
 //!
 //! The servers are started from the system's binaries in a temp dir on free loopback
 //! ports (installed from Debian's packages first when missing and we are root). Tests
@@ -69,6 +70,10 @@ pub fn run(args: &[String]) -> Result<()> {
     println!("xtask: stopped PostgreSQL and Redis");
     if !status.success() {
         bail!("tests failed ({status})");
+    }
+    // The whole suite, not a selection: the deployment is part of it.
+    if args.is_empty() {
+        crate::prove::run(&[])?;
     }
     Ok(())
 }

@@ -56,10 +56,12 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub fn run(args: &[String]) -> Result<()> {
-    if let Some(arg) = args.first() {
-        bail!("`up` takes no arguments (got {arg:?})");
-    }
     let root = repo_root();
+    let data = match args {
+        [] => root.join(".data"),
+        [flag, dir] if flag == "--data" => std::path::PathBuf::from(dir),
+        _ => bail!("usage: cargo xtask up [--data DIR] (got {args:?})"),
+    };
     check_ports()?;
 
     println!("xtask: building the services");
@@ -72,7 +74,6 @@ pub fn run(args: &[String]) -> Result<()> {
         bail!("the build failed");
     }
 
-    let data = root.join(".data");
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
