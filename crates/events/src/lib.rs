@@ -176,7 +176,9 @@ impl Publisher {
             .map_err(|e| EventsError::Publish(e.to_string()))
     }
 
-    /// Adds the `redis` check to `readiness` when there is a Redis to check.
+    /// Adds the optional `redis` check to `readiness` when there is a Redis to check:
+    /// without Redis every service still works (events fall back to resyncs, rate limits
+    /// to each process), so it degrades readiness but never fails it.
     pub fn add_readiness_check(
         &self,
         readiness: common::readiness::Readiness,
@@ -185,7 +187,7 @@ impl Publisher {
             return readiness;
         }
         let publisher = self.clone();
-        readiness.with_check("redis", move || {
+        readiness.with_optional_check("redis", move || {
             let publisher = publisher.clone();
             async move { publisher.ping().await }
         })

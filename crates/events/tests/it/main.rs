@@ -123,10 +123,22 @@ async fn the_subscriber_reconnects_after_redis_restarts_and_asks_for_a_resync() 
     publisher.publish(revoked("before")).await.unwrap();
     assert_eq!(next_event(&mut subscription).await, revoked("before"));
 
+    let readiness = publisher.add_readiness_check(
+        common::readiness::Readiness::new().with_check("database", || async { Ok(()) }),
+    );
+    assert_eq!(readiness.evaluate().await.unwrap()["status"], "ready");
+
     server.stop();
     // While Redis is away, a publish fails and says so; the event is not silently "sent".
     assert!(publisher.publish(revoked("lost")).await.is_err());
     assert!(publisher.ping().await.is_err());
+    // The service stays ready (it works without Redis), and says what is down.
+    let degraded = readiness
+        .evaluate()
+        .await
+        .expect("still ready without Redis");
+    assert_eq!(degraded["status"], "degraded");
+    assert_eq!(degraded["checks"]["redis"], "down");
     server.start_server().unwrap();
 
     connected(&mut subscription).await;
