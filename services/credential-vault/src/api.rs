@@ -260,7 +260,7 @@ where
     F: FnOnce(&mut common::db::DbConnection) -> Result<T, StoreError> + Send + 'static,
 {
     let entry_resource = resource.clone();
-    let template = vault.entry(
+    let template = Vault::draft_entry(
         ctx,
         &caller.actor,
         action,
@@ -274,11 +274,9 @@ where
             let mut entry = template;
             if let Err(error) = result {
                 entry.outcome = Outcome::of_error(error);
-                metrics
-                    .operations
-                    .with_label_values(&[action, entry.outcome.as_str()])
-                    .inc();
             }
+            // Counted once, by the outcome the record says.
+            metrics.operation(action, entry.outcome);
             entry
         })
         .await

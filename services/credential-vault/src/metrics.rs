@@ -38,6 +38,13 @@ pub struct VaultMetrics {
 }
 
 impl VaultMetrics {
+    /// One operation, by its audit record's action and final outcome.
+    pub fn operation(&self, action: &str, outcome: crate::audit::Outcome) {
+        self.operations
+            .with_label_values(&[action, outcome.as_str()])
+            .inc();
+    }
+
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         Ok(Self {
             operations: register(

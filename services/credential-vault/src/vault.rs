@@ -292,10 +292,18 @@ impl Vault {
         resource: &str,
         outcome: Outcome,
     ) -> Entry {
-        self.metrics
-            .operations
-            .with_label_values(&[action, outcome.as_str()])
-            .inc();
+        self.metrics.operation(action, outcome);
+        Self::draft_entry(ctx, actor, action, resource, outcome)
+    }
+
+    /// An entry not counted yet: for an operation whose outcome is known only later.
+    pub fn draft_entry(
+        ctx: &RequestContext,
+        actor: &str,
+        action: &'static str,
+        resource: &str,
+        outcome: Outcome,
+    ) -> Entry {
         Entry {
             actor: actor.to_owned(),
             action,

@@ -11,6 +11,9 @@ use prometheus::{
 
 use crate::breaker::CircuitState;
 
+/// Why a request went to another instance: the `reason` label of the retries.
+pub const RETRY_REASONS: [&str; 3] = ["connect", "reset", "status_503"];
+
 #[derive(Debug, Clone)]
 pub struct GatewayMetrics {
     /// Time from sending a request upstream to its response head, by service.
@@ -108,7 +111,21 @@ impl GatewayMetrics {
     }
 
     /// One service's series, looked up once per route-table build rather than per request.
+    /// Its retry, budget and circuit-transition counters start at 0 here, so that rates
+    /// and alerts see a series (0 until the first event) rather than nothing.
     pub fn for_service(&self, service: &str) -> ServiceMetrics {
+        for reason in RETRY_REASONS {
+            self.retries.with_label_values(&[service, reason]);
+        }
+        self.budget_exhausted.with_label_values(&[service]);
+        for state in [
+            CircuitState::Closed,
+            CircuitState::HalfOpen,
+            CircuitState::Open,
+        ] {
+            self.circuit_transitions
+                .with_label_values(&[service, state.as_str()]);
+        }
         let attempts = |outcome: &str| {
             self.upstream_attempts
                 .with_label_values(&[service, outcome])
@@ -123,6 +140,7 @@ impl GatewayMetrics {
         }
     }
 
+    /// `reason` is one of [`RETRY_REASONS`].
     pub fn retried(&self, service: &str, reason: &str) {
         self.retries.with_label_values(&[service, reason]).inc();
     }

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use common::api::HealthState;
 use common::metrics::{LATENCY_BUCKETS, register};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
@@ -31,7 +32,7 @@ impl MonitorMetrics {
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             register(registry, IntGaugeVec::new(Opts::new(name, help), labels)?)
         };
-        Ok(Self {
+        let metrics = Self {
             checks: counter(
                 "concierge_monitor_checks_total",
                 "Checks made, by outcome (pass, warn, fail) and reason (none, slow, degraded, dns, connect, timeout, status, body).",
@@ -73,7 +74,25 @@ impl MonitorMetrics {
                 "Recovery webhooks called, by outcome (ok, failed).",
                 &["outcome"],
             )?,
-        })
+        };
+        // The series every monitor has, at 0 until the first event: a rate or an alert
+        // over them then reads 0, not nothing.
+        metrics.checks.with_label_values(&["pass", "none"]);
+        for outcome in ["pass", "warn", "fail"] {
+            metrics.check_duration.with_label_values(&[outcome]);
+        }
+        for state in [
+            HealthState::Healthy,
+            HealthState::Degraded,
+            HealthState::Offline,
+        ] {
+            metrics.transitions.with_label_values(&[state.as_str()]);
+        }
+        for outcome in ["ok", "failed"] {
+            metrics.deliveries.with_label_values(&[outcome]);
+            metrics.recoveries.with_label_values(&[outcome]);
+        }
+        Ok(metrics)
     }
 
     pub fn checked(&self, outcome: &str, reason: &str, elapsed: Duration) {

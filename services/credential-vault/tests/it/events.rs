@@ -176,6 +176,11 @@ both_backends!(metrics_and_audit_filters, |backend| async move {
         assert!(text.contains(expected), "missing {expected}:\n{text}");
     }
     assert!(!text.contains("metric-s3cret"));
+    // The failed rotation counts once, as a conflict, never also as a success.
+    assert!(
+        !text.contains(r#"operation="credential.rotate",outcome="success""#),
+        "{text}"
+    );
 
     // Every rotation attempt has its record, the failed one too.
     let resource = format!("credential:{id}");
