@@ -1,15 +1,25 @@
 //! One check of one instance, over HTTP or TCP, with the reason of every failure:
 //! `dns`, `connect`, `timeout`, `status` or `body` (what blackbox_exporter users ask for).
+//!
+//! An HTTP check keeps its connection open for the instance's next check ([`Kept`]), as
+//! Envoy's health checker and Prometheus' scrapes do: at 10,000 instances most of a
+//! checker's CPU otherwise goes to the kernel's TCP handshakes and teardowns. A kept
+//! connection the instance has closed meanwhile is noticed, and the check opens a new
+//! one; a TCP check always connects, since connecting is what it checks.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use tokio::task::JoinHandle;
 use tokio::time::timeout_at;
 
 /// The largest health-endpoint body read.
 const MAX_BODY: usize = 64 * 1024;
+/// Each connection's read buffer: a larger answer is read in several pieces.
+const READ_BUFFER: usize = 2048;
 
 /// Why a check failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -73,18 +83,41 @@ pub enum Method {
     Tcp,
 }
 
-/// Checks `address:port` within `timeout`; slower than `slow` is a warning.
+/// An open HTTP/1.1 connection to one instance, kept for its next check; dropping it
+/// closes the connection.
+#[derive(Debug)]
+pub struct Kept {
+    address: String,
+    port: u16,
+    sender: SendRequest<Empty<Bytes>>,
+    driver: JoinHandle<()>,
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// Checks `address:port` within `timeout`; slower than `slow` is a warning. `kept` is
+/// the connection the last check left open; the one to keep for the next is returned.
 pub async fn check(
     address: &str,
     port: u16,
     method: &Method,
     timeout: Duration,
     slow: Duration,
-) -> Probe {
+    kept: Option<Kept>,
+) -> (Probe, Option<Kept>) {
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
-    let result = attempt(address, port, method, deadline).await;
+    let mut keep = None;
+    let result = attempt(address, port, method, deadline, kept, &mut keep).await;
     let latency = started.elapsed();
+    (judge(result, latency, slow), keep)
+}
+
+fn judge(result: Result<Verdict, Failure>, latency: Duration, slow: Duration) -> Probe {
     match result {
         Ok(verdict) => {
             let verdict = match verdict {
@@ -115,65 +148,65 @@ pub async fn check(
 
 type Failure = (Reason, String);
 
+fn timed_out() -> Failure {
+    (
+        Reason::Timeout,
+        "no answer within the check timeout".to_owned(),
+    )
+}
+
 async fn attempt(
     address: &str,
     port: u16,
     method: &Method,
     deadline: tokio::time::Instant,
+    kept: Option<Kept>,
+    keep: &mut Option<Kept>,
 ) -> Result<Verdict, Failure> {
-    let timed_out = || {
-        (
-            Reason::Timeout,
-            "no answer within the check timeout".to_owned(),
-        )
-    };
-    let mut addresses = timeout_at(deadline, tokio::net::lookup_host((address, port)))
-        .await
-        .map_err(|_| timed_out())?
-        .map_err(|e| (Reason::Dns, format!("{address} does not resolve: {e}")))?;
-    let target = addresses
-        .next()
-        .ok_or_else(|| (Reason::Dns, format!("{address} resolves to nothing")))?;
-    let stream = timeout_at(deadline, tokio::net::TcpStream::connect(target))
-        .await
-        .map_err(|_| timed_out())?
-        .map_err(|e| (Reason::Connect, format!("cannot connect to {target}: {e}")))?;
     let Method::Http { path } = method else {
-        return Ok(Verdict::Pass);
+        return connect(address, port, deadline)
+            .await
+            .map(|_| Verdict::Pass);
     };
-    let _ = stream.set_nodelay(true);
-    let (mut sender, connection) = timeout_at(
-        deadline,
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)),
-    )
-    .await
-    .map_err(|_| timed_out())?
-    .map_err(|e| (Reason::Connect, format!("HTTP handshake failed: {e}")))?;
-    let driver = tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let request = http::Request::get(path.as_str())
-        .header(http::header::HOST, format!("{address}:{port}"))
-        .header(http::header::USER_AGENT, "concierge-health-monitor")
-        .header(http::header::CONNECTION, "close")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| {
-            (
-                Reason::Connect,
-                format!("invalid health endpoint {path:?}: {e}"),
-            )
-        })?;
-    let answer = timeout_at(deadline, sender.send_request(request)).await;
-    let response = match answer {
-        Err(_) => {
-            driver.abort();
-            return Err(timed_out());
+    let request = || {
+        http::Request::get(path.as_str())
+            .header(http::header::HOST, format!("{address}:{port}"))
+            .header(http::header::USER_AGENT, "concierge-health-monitor")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| {
+                (
+                    Reason::Connect,
+                    format!("invalid health endpoint {path:?}: {e}"),
+                )
+            })
+    };
+    // The kept connection, if it is still to this address and still open. One the
+    // instance closed just as we sent is no verdict on the instance: a new one decides.
+    let reused = match kept.filter(|k| k.address == address && k.port == port) {
+        Some(mut kept) => match timeout_at(deadline, kept.sender.ready()).await {
+            Ok(Ok(())) => match timeout_at(deadline, kept.sender.send_request(request()?)).await {
+                Ok(Ok(response)) => Some((kept, response)),
+                Ok(Err(_)) => None,
+                Err(_) => return Err(timed_out()),
+            },
+            Ok(Err(_)) => None,
+            Err(_) => return Err(timed_out()),
+        },
+        None => None,
+    };
+    let (connection, response) = match reused {
+        Some(answer) => answer,
+        None => {
+            let mut connection = handshake(address, port, deadline).await?;
+            let answer = timeout_at(deadline, connection.sender.send_request(request()?)).await;
+            match answer {
+                Err(_) => return Err(timed_out()),
+                Ok(Err(e)) => {
+                    return Err((Reason::Connect, format!("the connection broke: {e}")));
+                }
+                Ok(Ok(response)) => (connection, response),
+            }
         }
-        Ok(Err(e)) => {
-            driver.abort();
-            return Err((Reason::Connect, format!("the connection broke: {e}")));
-        }
-        Ok(Ok(response)) => response,
     };
     let status = response.status();
     let body = timeout_at(
@@ -181,16 +214,67 @@ async fn attempt(
         Limited::new(response.into_body(), MAX_BODY).collect(),
     )
     .await;
-    driver.abort();
     let body = match body {
         Err(_) => return Err(timed_out()),
         Ok(Err(e)) => return Err((Reason::Body, format!("the body could not be read: {e}"))),
         Ok(Ok(collected)) => collected.to_bytes(),
     };
+    // Read to the end: the connection may serve the next check (unless the instance
+    // said `Connection: close`, which its next check will find).
+    *keep = Some(connection);
     if !status.is_success() {
         return Err((Reason::Status, format!("answered {}", status.as_u16())));
     }
     judge_body(&body).map_err(|said| (Reason::Body, format!("the body says {said:?}")))
+}
+
+/// Resolves and connects, within the deadline.
+async fn connect(
+    address: &str,
+    port: u16,
+    deadline: tokio::time::Instant,
+) -> Result<tokio::net::TcpStream, Failure> {
+    let mut addresses = timeout_at(deadline, tokio::net::lookup_host((address, port)))
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|e| (Reason::Dns, format!("{address} does not resolve: {e}")))?;
+    let target = addresses
+        .next()
+        .ok_or_else(|| (Reason::Dns, format!("{address} resolves to nothing")))?;
+    timeout_at(deadline, tokio::net::TcpStream::connect(target))
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|e| (Reason::Connect, format!("cannot connect to {target}: {e}")))
+}
+
+/// A new HTTP/1.1 connection, its driver running.
+async fn handshake(
+    address: &str,
+    port: u16,
+    deadline: tokio::time::Instant,
+) -> Result<Kept, Failure> {
+    let stream = connect(address, port, deadline).await?;
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = timeout_at(
+        deadline,
+        // Health answers are small, and 10,000 kept connections each holding hyper's
+        // default 8 KiB read buffer would be most of the monitor's memory.
+        hyper::client::conn::http1::Builder::new()
+            .read_buf_exact_size(Some(READ_BUFFER))
+            .handshake(TokioIo::new(stream)),
+    )
+    .await
+    .map_err(|_| timed_out())?
+    .map_err(|e| (Reason::Connect, format!("HTTP handshake failed: {e}")))?;
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(Kept {
+        address: address.to_owned(),
+        port,
+        sender,
+        driver,
+    })
 }
 
 /// A health body's own verdict: `{"status": "degraded"}` warns, a status that means down
@@ -213,7 +297,124 @@ fn judge_body(body: &[u8]) -> Result<Verdict, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
+
+    /// How a test server ends a connection after its first answer.
+    #[derive(Clone, Copy)]
+    enum Close {
+        Never,
+        /// `Connection: close`, then close.
+        Announced,
+        /// Close without a word, as an idle timeout does.
+        Silently,
+    }
+
+    /// A loopback HTTP/1.1 server answering `{"status":"ok"}`, counting its connections;
+    /// aborting the returned task stops it and closes every connection.
+    async fn server(close: Close) -> (u16, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, Ordering::SeqCst);
+                connections.spawn(async move {
+                    let mut buffer = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        let Ok(n) = stream.read(&mut chunk).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        buffer.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buffer.drain(..end + 4);
+                            let header = match close {
+                                Close::Announced => "Connection: close\r\n",
+                                _ => "",
+                            };
+                            let answer = format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: 15\r\n{header}\r\n{{\"status\":\"ok\"}}"
+                            );
+                            if stream.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            if !matches!(close, Close::Never) {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (port, accepted, task)
+    }
+
+    async fn checks(port: u16, count: usize) -> Vec<Verdict> {
+        let method = Method::Http {
+            path: "/health".into(),
+        };
+        let mut kept = None;
+        let mut verdicts = Vec::new();
+        for _ in 0..count {
+            let (probe, next) = check(
+                "127.0.0.1",
+                port,
+                &method,
+                Duration::from_secs(5),
+                Duration::from_secs(5),
+                kept,
+            )
+            .await;
+            verdicts.push(probe.verdict);
+            kept = next;
+            // Time for a closing instance's FIN to arrive, as between real checks.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        verdicts
+    }
+
+    #[tokio::test]
+    async fn one_connection_serves_every_check_of_an_instance() {
+        let (port, accepted, _server) = server(Close::Never).await;
+        assert_eq!(checks(port, 3).await, [Verdict::Pass; 3]);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_instance_closed_is_replaced_without_a_failure() {
+        for close in [Close::Announced, Close::Silently] {
+            let (port, accepted, _server) = server(close).await;
+            assert_eq!(checks(port, 3).await, [Verdict::Pass; 3]);
+            assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_does_not_hide_a_dead_instance() {
+        let (port, _, server) = server(Close::Never).await;
+        let method = Method::Http {
+            path: "/health".into(),
+        };
+        let second = Duration::from_secs(1);
+        let (probe, kept) = check("127.0.0.1", port, &method, second, second, None).await;
+        assert_eq!(probe.verdict, Verdict::Pass);
+        assert!(kept.is_some());
+        server.abort();
+        let _ = server.await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (probe, kept) = check("127.0.0.1", port, &method, second, second, kept).await;
+        assert_eq!(probe.verdict, Verdict::Fail(Reason::Connect), "{probe:?}");
+        assert!(kept.is_none());
+    }
 
     #[test]
     fn bodies_judge_themselves() {

@@ -208,12 +208,15 @@ impl Upstream {
         let mode = upstream.mode.clone();
         let hits = upstream.hits.clone();
         let task = tokio::spawn(async move {
+            // The connections belong to this task: stopping it closes them all, as the
+            // death of a process does.
+            let mut connections = tokio::task::JoinSet::new();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let (mode, hits) = (mode.clone(), hits.clone());
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
                         hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let mode = *mode.lock().unwrap();
@@ -233,7 +236,7 @@ impl Upstream {
         *self.mode.lock().unwrap() = mode;
     }
 
-    /// Closes the port: connections are refused from now on.
+    /// Dies: closes the port and every open connection; connections are refused from now on.
     pub fn stop(&self) {
         if let Some(task) = self.task.lock().unwrap().take() {
             task.abort();
