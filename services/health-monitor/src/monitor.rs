@@ -791,11 +791,24 @@ impl Monitor {
 
 /// How an instance asks to be checked: `metadata.check = "tcp"`, else HTTP on its
 /// health endpoint.
+/// How to check `instance`, from its registration's metadata: `"check": "tcp"` or
+/// `"https"` (with `"tls_skip_verify": true` for a certificate nobody signed), else HTTP.
 fn method(instance: &Instance) -> probe::Method {
+    let path = instance.health_endpoint.clone();
     match instance.metadata.get("check").and_then(|c| c.as_str()) {
         Some("tcp") => probe::Method::Tcp,
-        _ => probe::Method::Http {
-            path: instance.health_endpoint.clone(),
-        },
+        Some("https") => {
+            let skip =
+                instance.metadata.get("tls_skip_verify") == Some(&serde_json::Value::Bool(true));
+            probe::Method::Http {
+                path,
+                tls: Some(if skip {
+                    probe::Tls::SkipVerify
+                } else {
+                    probe::Tls::Verify
+                }),
+            }
+        }
+        _ => probe::Method::Http { path, tls: None },
     }
 }

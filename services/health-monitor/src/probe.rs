@@ -1,5 +1,10 @@
-//! One check of one instance, over HTTP or TCP, with the reason of every failure:
-//! `dns`, `connect`, `timeout`, `status` or `body` (what blackbox_exporter users ask for).
+//! One check of one instance, over HTTP, HTTPS or TCP, with the reason of every failure:
+//! `dns`, `connect`, `timeout`, `tls`, `status` or `body` (what blackbox_exporter users
+//! ask for).
+//!
+//! HTTPS checks use rustls (on ring) and verify the instance's certificate against the
+//! system's trust store (`SSL_CERT_FILE` or `SSL_CERT_DIR` name another), unless the
+//! instance's registration says `tls_skip_verify`, as Consul's checks allow.
 //!
 //! An HTTP check keeps its connection open for the instance's next check ([`Kept`]), as
 //! Envoy's health checker and Prometheus' scrapes do: at 10,000 instances most of a
@@ -7,6 +12,7 @@
 //! connection the instance has closed meanwhile is noticed, and the check opens a new
 //! one; a TCP check always connects, since connecting is what it checks.
 
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -31,6 +37,9 @@ pub enum Reason {
     Connect,
     /// No answer within the check's timeout.
     Timeout,
+    /// The TLS handshake failed: an untrusted or mismatched certificate, no common
+    /// protocol, or no TLS at all.
+    Tls,
     /// An answer outside 2xx.
     Status,
     /// A body that says the instance is down, or that could not be read.
@@ -43,6 +52,7 @@ impl Reason {
             Self::Dns => "dns",
             Self::Connect => "connect",
             Self::Timeout => "timeout",
+            Self::Tls => "tls",
             Self::Status => "status",
             Self::Body => "body",
         }
@@ -77,10 +87,19 @@ pub struct Probe {
 /// How to check an instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Method {
-    /// `GET path`: 2xx passes.
-    Http { path: String },
+    /// `GET path`: 2xx passes; over TLS when `tls` is set.
+    Http { path: String, tls: Option<Tls> },
     /// A TCP connection that is accepted passes.
     Tcp,
+}
+
+/// How an HTTPS check treats the instance's certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tls {
+    /// Trusted by the system's store and naming the address checked.
+    Verify,
+    /// Any certificate (a self-signed one, say); the handshake's signatures still count.
+    SkipVerify,
 }
 
 /// An open HTTP/1.1 connection to one instance, kept for its next check; dropping it
@@ -163,7 +182,7 @@ async fn attempt(
     kept: Option<Kept>,
     keep: &mut Option<Kept>,
 ) -> Result<Verdict, Failure> {
-    let Method::Http { path } = method else {
+    let Method::Http { path, tls } = method else {
         return connect(address, port, deadline)
             .await
             .map(|_| Verdict::Pass);
@@ -197,7 +216,7 @@ async fn attempt(
     let (connection, response) = match reused {
         Some(answer) => answer,
         None => {
-            let mut connection = handshake(address, port, deadline).await?;
+            let mut connection = handshake(address, port, *tls, deadline).await?;
             let answer = timeout_at(deadline, connection.sender.send_request(request()?)).await;
             match answer {
                 Err(_) => return Err(timed_out()),
@@ -251,10 +270,41 @@ async fn connect(
 async fn handshake(
     address: &str,
     port: u16,
+    tls: Option<Tls>,
     deadline: tokio::time::Instant,
 ) -> Result<Kept, Failure> {
     let stream = connect(address, port, deadline).await?;
     let _ = stream.set_nodelay(true);
+    let driver = match tls {
+        None => http_handshake(stream, deadline).await?,
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from(address.to_owned())
+                .map_err(|e| (Reason::Tls, format!("{address} is no TLS server name: {e}")))?;
+            let connector = tokio_rustls::TlsConnector::from(client_config(tls)?);
+            let stream = timeout_at(deadline, connector.connect(name, stream))
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(|e| (Reason::Tls, format!("TLS handshake failed: {e}")))?;
+            http_handshake(stream, deadline).await?
+        }
+    };
+    let (sender, driver) = driver;
+    Ok(Kept {
+        address: address.to_owned(),
+        port,
+        sender,
+        driver,
+    })
+}
+
+/// HTTP/1.1 over `stream`: the request sender, and the task driving the connection.
+async fn http_handshake<S>(
+    stream: S,
+    deadline: tokio::time::Instant,
+) -> Result<(SendRequest<Empty<Bytes>>, JoinHandle<()>), Failure>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (sender, connection) = timeout_at(
         deadline,
         // Health answers are small, and 10,000 kept connections each holding hyper's
@@ -269,12 +319,96 @@ async fn handshake(
     let driver = tokio::spawn(async move {
         let _ = connection.await;
     });
-    Ok(Kept {
-        address: address.to_owned(),
-        port,
-        sender,
-        driver,
-    })
+    Ok((sender, driver))
+}
+
+/// The TLS client configuration for `tls`, built once: loading the trust store is slow.
+fn client_config(tls: Tls) -> Result<Arc<rustls::ClientConfig>, Failure> {
+    static VERIFY: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+    static SKIP: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+    let provider = || Arc::new(rustls::crypto::ring::default_provider());
+    let built = match tls {
+        Tls::Verify => VERIFY.get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err("no trusted certificates in the system's store".to_owned());
+            }
+            let config = rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Ok(Arc::new(with_http1(config)))
+        }),
+        Tls::SkipVerify => SKIP.get_or_init(|| {
+            let provider = provider();
+            let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+                .with_no_client_auth();
+            Ok(Arc::new(with_http1(config)))
+        }),
+    };
+    built.clone().map_err(|e| (Reason::Tls, e))
+}
+
+fn with_http1(mut config: rustls::ClientConfig) -> rustls::ClientConfig {
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config
+}
+
+/// `tls_skip_verify`: any certificate is accepted, but the handshake's signatures are
+/// still checked against it (the peer holds the key of the certificate it showed).
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// A health body's own verdict: `{"status": "degraded"}` warns, a status that means down
@@ -361,6 +495,7 @@ mod tests {
     async fn checks(port: u16, count: usize) -> Vec<Verdict> {
         let method = Method::Http {
             path: "/health".into(),
+            tls: None,
         };
         let mut kept = None;
         let mut verdicts = Vec::new();
@@ -403,6 +538,7 @@ mod tests {
         let (port, _, server) = server(Close::Never).await;
         let method = Method::Http {
             path: "/health".into(),
+            tls: None,
         };
         let second = Duration::from_secs(1);
         let (probe, kept) = check("127.0.0.1", port, &method, second, second, None).await;

@@ -6,3 +6,4 @@ mod checks;
 mod containers;
 mod scale;
 mod support;
+mod tls;
