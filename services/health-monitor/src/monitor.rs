@@ -29,7 +29,7 @@ const TICK: Duration = Duration::from_millis(500);
 /// How often the rules run even when no state changed.
 const FULL_EVALUATION: Duration = Duration::from_secs(5);
 /// How often the scheduler starts the checks that are due.
-const SCHEDULE_TICK: Duration = Duration::from_millis(100);
+const SCHEDULE_TICK: Duration = Duration::from_millis(250);
 /// How long resolved alerts and recovery attempts stay visible.
 const KEEP_RESOLVED: Duration = Duration::from_secs(24 * 3600);
 
