@@ -268,7 +268,8 @@ fn git_revision(root: &Path) -> String {
     }
 }
 
-/// The `origin` remote's URL, which is where the source is; `unknown` without one.
+/// The `origin` remote's URL, which is where the source is, without any user or token
+/// in it (the label is public); `unknown` without one.
 fn source(root: &Path) -> String {
     Command::new("git")
         .args(["remote", "get-url", "origin"])
@@ -276,8 +277,22 @@ fn source(root: &Path) -> String {
         .output()
         .ok()
         .filter(|out| out.status.success())
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .map(|out| without_userinfo(String::from_utf8_lossy(&out.stdout).trim()))
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// `scheme://user:token@host/path` → `scheme://host/path`; other forms as they are.
+fn without_userinfo(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host);
+            format!("{scheme}://{host}{path}")
+        }
+        None => url.to_owned(),
+    }
 }
 
 /// Now in RFC 3339, UTC, as the OCI annotation wants it.
@@ -288,4 +303,25 @@ fn created() -> String {
         .ok()
         .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
         .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_userinfo;
+
+    #[test]
+    fn source_urls_lose_their_credentials() {
+        assert_eq!(
+            without_userinfo("https://bot:ghp_secret@github.com/org/repo.git"),
+            "https://github.com/org/repo.git"
+        );
+        assert_eq!(
+            without_userinfo("https://github.com/org/repo"),
+            "https://github.com/org/repo"
+        );
+        assert_eq!(
+            without_userinfo("git@github.com:org/repo.git"),
+            "git@github.com:org/repo.git"
+        );
+    }
 }

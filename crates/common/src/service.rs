@@ -89,10 +89,27 @@ fn runtime_with(name: &str, threads: usize) -> Option<tokio::runtime::Runtime> {
     }
 }
 
+/// Raises this process's soft limit of open files to its hard limit, as nginx's
+/// `worker_rlimit_nofile` does: a gateway holds two sockets per request, a monitor one
+/// per instance, and the soft limit is often 1,024. Returns the limit now in force.
+pub fn raise_open_files_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(_) => soft,
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 1024,
+    }
+}
+
 fn serve<S: Service>(env: &Env) -> ExitCode {
     let config = config::or_exit(S::NAME, S::load(env));
     let common = S::common(&config);
     telemetry::init(common.log_format);
+    let open_files = raise_open_files_limit();
+    tracing::debug!(open_files, "open files limit");
     let listen_addr = common.listen_addr;
     let listener = match TcpListener::bind(listen_addr) {
         Ok(listener) => listener,

@@ -52,6 +52,9 @@ pub struct Monitor {
     queue: Mutex<BinaryHeap<Reverse<(Instant, u64, String)>>>,
     /// Each owned instance's HTTP connection, kept open between its checks.
     kept: Mutex<HashMap<String, probe::Kept>>,
+    /// At most this many are kept (half the open-files limit): beyond it, checks open
+    /// and close their own, and the monitor never runs out of descriptors.
+    max_kept: usize,
     pub alerts: Mutex<BTreeMap<String, Alert>>,
     pub recoveries: Mutex<Vec<RecoveryRow>>,
     /// Whether the instances were loaded from the registry at least once: alerts are not
@@ -107,6 +110,8 @@ impl Monitor {
             entries: Mutex::new(HashMap::new()),
             queue: Mutex::new(BinaryHeap::new()),
             kept: Mutex::new(HashMap::new()),
+            max_kept: usize::try_from(common::service::raise_open_files_limit() / 2)
+                .unwrap_or(usize::MAX),
             alerts: Mutex::new(alerts),
             recoveries: Mutex::new(recoveries),
             loaded: AtomicBool::new(false),
@@ -403,7 +408,10 @@ impl Monitor {
                     .await;
                     drop(permit);
                     if let Some(kept) = kept {
-                        lock(&monitor.kept).insert(instance.instance_id.clone(), kept);
+                        let mut all = lock(&monitor.kept);
+                        if all.len() < monitor.max_kept {
+                            all.insert(instance.instance_id.clone(), kept);
+                        }
                     }
                     monitor.observed(&instance, generation, &probe).await;
                 });
@@ -792,23 +800,24 @@ impl Monitor {
 /// How an instance asks to be checked: `metadata.check = "tcp"`, else HTTP on its
 /// health endpoint.
 /// How to check `instance`, from its registration's metadata: `"check": "tcp"` or
-/// `"https"` (with `"tls_skip_verify": true` for a certificate nobody signed), else HTTP.
+/// `"https"` (with `"tls_skip_verify": true` for a certificate nobody signed, and
+/// `"tls_server_name"` when the certificate names something other than the address, as
+/// in Consul), else HTTP.
 fn method(instance: &Instance) -> probe::Method {
     let path = instance.health_endpoint.clone();
-    match instance.metadata.get("check").and_then(|c| c.as_str()) {
+    let metadata = &instance.metadata;
+    match metadata.get("check").and_then(|c| c.as_str()) {
         Some("tcp") => probe::Method::Tcp,
-        Some("https") => {
-            let skip =
-                instance.metadata.get("tls_skip_verify") == Some(&serde_json::Value::Bool(true));
-            probe::Method::Http {
-                path,
-                tls: Some(if skip {
-                    probe::Tls::SkipVerify
-                } else {
-                    probe::Tls::Verify
-                }),
-            }
-        }
+        Some("https") => probe::Method::Http {
+            path,
+            tls: Some(probe::Tls {
+                verify: metadata.get("tls_skip_verify") != Some(&serde_json::Value::Bool(true)),
+                server_name: metadata
+                    .get("tls_server_name")
+                    .and_then(|name| name.as_str())
+                    .map(str::to_owned),
+            }),
+        },
         _ => probe::Method::Http { path, tls: None },
     }
 }

@@ -26,6 +26,9 @@ use tokio::time::timeout_at;
 const MAX_BODY: usize = 64 * 1024;
 /// Each connection's read buffer: a larger answer is read in several pieces.
 const READ_BUFFER: usize = 2048;
+/// How long a connection serves an instance's checks: a new one then proves again that
+/// the instance accepts connections, resolves its name anew, and sees its certificate.
+const KEEP_FOR: Duration = Duration::from_secs(300);
 
 /// Why a check failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -94,12 +97,15 @@ pub enum Method {
 }
 
 /// How an HTTPS check treats the instance's certificate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tls {
-    /// Trusted by the system's store and naming the address checked.
-    Verify,
-    /// Any certificate (a self-signed one, say); the handshake's signatures still count.
-    SkipVerify,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    /// Whether the certificate must be trusted by the system's store and name the
+    /// server; without, any certificate (a self-signed one, say) is accepted, though
+    /// the handshake's signatures still count.
+    pub verify: bool,
+    /// The name sent and checked, when not the address (an instance registered by its
+    /// IP with a certificate for its DNS name).
+    pub server_name: Option<String>,
 }
 
 /// An open HTTP/1.1 connection to one instance, kept for its next check; dropping it
@@ -108,6 +114,8 @@ pub enum Tls {
 pub struct Kept {
     address: String,
     port: u16,
+    tls: Option<Tls>,
+    opened: Instant,
     sender: SendRequest<Empty<Bytes>>,
     driver: JoinHandle<()>,
 }
@@ -199,24 +207,33 @@ async fn attempt(
                 )
             })
     };
-    // The kept connection, if it is still to this address and still open. One the
-    // instance closed just as we sent is no verdict on the instance: a new one decides.
-    let reused = match kept.filter(|k| k.address == address && k.port == port) {
-        Some(mut kept) => match timeout_at(deadline, kept.sender.ready()).await {
-            Ok(Ok(())) => match timeout_at(deadline, kept.sender.send_request(request()?)).await {
-                Ok(Ok(response)) => Some((kept, response)),
-                Ok(Err(_)) => None,
-                Err(_) => return Err(timed_out()),
-            },
-            Ok(Err(_)) => None,
-            Err(_) => return Err(timed_out()),
-        },
+    // The kept connection, if it is to the same place the same way, young enough, and
+    // still open. One the instance closed just as we sent, or one a middlebox dropped
+    // without a word (no answer in half the time), is no verdict on the instance: a new
+    // connection decides, in the time left.
+    let usable = |k: &Kept| {
+        k.address == address && k.port == port && k.tls == *tls && k.opened.elapsed() < KEEP_FOR
+    };
+    let reused = match kept.filter(usable) {
+        Some(mut kept) => {
+            let now = tokio::time::Instant::now();
+            let patience = now + deadline.saturating_duration_since(now) / 2;
+            match timeout_at(patience, kept.sender.ready()).await {
+                Ok(Ok(())) => {
+                    match timeout_at(patience, kept.sender.send_request(request()?)).await {
+                        Ok(Ok(response)) => Some((kept, response)),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            }
+        }
         None => None,
     };
     let (connection, response) = match reused {
         Some(answer) => answer,
         None => {
-            let mut connection = handshake(address, port, *tls, deadline).await?;
+            let mut connection = handshake(address, port, tls.as_ref(), deadline).await?;
             let answer = timeout_at(deadline, connection.sender.send_request(request()?)).await;
             match answer {
                 Err(_) => return Err(timed_out()),
@@ -270,7 +287,7 @@ async fn connect(
 async fn handshake(
     address: &str,
     port: u16,
-    tls: Option<Tls>,
+    tls: Option<&Tls>,
     deadline: tokio::time::Instant,
 ) -> Result<Kept, Failure> {
     let stream = connect(address, port, deadline).await?;
@@ -278,8 +295,9 @@ async fn handshake(
     let driver = match tls {
         None => http_handshake(stream, deadline).await?,
         Some(tls) => {
-            let name = rustls::pki_types::ServerName::try_from(address.to_owned())
-                .map_err(|e| (Reason::Tls, format!("{address} is no TLS server name: {e}")))?;
+            let name = tls.server_name.as_deref().unwrap_or(address);
+            let name = rustls::pki_types::ServerName::try_from(name.to_owned())
+                .map_err(|e| (Reason::Tls, format!("{name} is no TLS server name: {e}")))?;
             let connector = tokio_rustls::TlsConnector::from(client_config(tls)?);
             let stream = timeout_at(deadline, connector.connect(name, stream))
                 .await
@@ -292,6 +310,8 @@ async fn handshake(
     Ok(Kept {
         address: address.to_owned(),
         port,
+        tls: tls.cloned(),
+        opened: Instant::now(),
         sender,
         driver,
     })
@@ -323,12 +343,12 @@ where
 }
 
 /// The TLS client configuration for `tls`, built once: loading the trust store is slow.
-fn client_config(tls: Tls) -> Result<Arc<rustls::ClientConfig>, Failure> {
+fn client_config(tls: &Tls) -> Result<Arc<rustls::ClientConfig>, Failure> {
     static VERIFY: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
     static SKIP: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
     let provider = || Arc::new(rustls::crypto::ring::default_provider());
-    let built = match tls {
-        Tls::Verify => VERIFY.get_or_init(|| {
+    let built = match tls.verify {
+        true => VERIFY.get_or_init(|| {
             let mut roots = rustls::RootCertStore::empty();
             let found = rustls_native_certs::load_native_certs();
             let (added, _) = roots.add_parsable_certificates(found.certs);
@@ -342,7 +362,7 @@ fn client_config(tls: Tls) -> Result<Arc<rustls::ClientConfig>, Failure> {
                 .with_no_client_auth();
             Ok(Arc::new(with_http1(config)))
         }),
-        Tls::SkipVerify => SKIP.get_or_init(|| {
+        false => SKIP.get_or_init(|| {
             let provider = provider();
             let config = rustls::ClientConfig::builder_with_provider(provider.clone())
                 .with_safe_default_protocol_versions()
@@ -531,6 +551,34 @@ mod tests {
             assert_eq!(checks(port, 3).await, [Verdict::Pass; 3]);
             assert_eq!(accepted.load(Ordering::SeqCst), 3);
         }
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_serves_only_checks_made_the_same_way() {
+        let (port, accepted, _server) = server(Close::Never).await;
+        let second = Duration::from_secs(1);
+        let plain = Method::Http {
+            path: "/health".into(),
+            tls: None,
+        };
+        let (probe, kept) = check("127.0.0.1", port, &plain, second, second, None).await;
+        assert_eq!(probe.verdict, Verdict::Pass);
+        // The instance now says HTTPS: the plain connection must not pass for it.
+        let https = Method::Http {
+            path: "/health".into(),
+            tls: Some(Tls {
+                verify: false,
+                server_name: None,
+            }),
+        };
+        // (This server never answers a ClientHello: the handshake times out.)
+        let (probe, _) = check("127.0.0.1", port, &https, second, second, kept).await;
+        assert!(matches!(probe.verdict, Verdict::Fail(_)), "{probe:?}");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "a new connection, not the kept one"
+        );
     }
 
     #[tokio::test]

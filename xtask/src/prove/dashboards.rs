@@ -220,7 +220,10 @@ impl Stack {
         Ok(stack)
     }
 
+    /// SIGINT, as Ctrl-C would (`up` stops its services in order); after 30 s, SIGKILL
+    /// to its whole process group (`up` and a build it may still be running).
     fn stop(&mut self) {
+        let group = i32::try_from(self.child.id()).map(|pid| Pid::from_raw(-pid));
         if let Ok(pid) = i32::try_from(self.child.id()) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGINT);
         }
@@ -231,7 +234,9 @@ impl Stack {
             }
             thread::sleep(Duration::from_millis(100));
         }
-        let _ = self.child.kill();
+        if let Ok(group) = group {
+            let _ = kill(group, Signal::SIGKILL);
+        }
         let _ = self.child.wait();
     }
 }

@@ -1,6 +1,7 @@
 //! HTTPS checks against real TLS servers: a certificate the system's store trusts passes,
-//! one it does not fails with the reason `tls` (unless the instance opts out of
-//! verification), and so does an instance that speaks no TLS at all.
+//! one it does not (or one for another name) fails with the reason `tls`, unless the
+//! instance opts out of verification or names the server; so does an instance that
+//! speaks no TLS at all.
 
 use std::sync::Arc;
 
@@ -11,10 +12,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{Mode, Stack, Upstream};
 
-/// A certificate for 127.0.0.1 and its key: signed by `issuer`, or by itself.
-fn leaf(issuer: Option<&CertifiedIssuer<'_, KeyPair>>) -> (CertificateDer<'static>, KeyPair) {
+/// A certificate for `name` and its key: signed by `issuer`, or by itself.
+fn leaf(
+    name: &str,
+    issuer: Option<&CertifiedIssuer<'_, KeyPair>>,
+) -> (CertificateDer<'static>, KeyPair) {
     let key = KeyPair::generate().unwrap();
-    let params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    let params = CertificateParams::new(vec![name.to_owned()]).unwrap();
     let cert = match issuer {
         Some(issuer) => params.signed_by(&key, issuer).unwrap(),
         None => params.self_signed(&key).unwrap(),
@@ -80,16 +84,23 @@ async fn https_checks_verify_certificates_against_the_trust_store() {
 
     // The monitor's trust store holds only the test CA.
     let stack = Stack::start(None, &[("SSL_CERT_FILE", trust_store.to_str().unwrap())]).await;
-    let (cert, key) = leaf(Some(&ca));
+    let (cert, key) = leaf("127.0.0.1", Some(&ca));
     let trusted = https_upstream(cert, key).await;
-    let (cert, key) = leaf(None);
-    let self_signed = https_upstream(cert.clone(), key).await;
+    let (cert, key) = leaf("127.0.0.1", None);
+    let self_signed = https_upstream(cert, key).await;
+    // Registered by its IP, with a certificate for its DNS name.
+    let (cert, key) = leaf("web.internal.test", Some(&ca));
+    let named = https_upstream(cert, key).await;
     let plain = Upstream::start(Mode::Healthy).await;
 
     let https = json!({"metadata": {"check": "https"}});
     let skip = json!({"metadata": {"check": "https", "tls_skip_verify": true}});
+    let server_name =
+        json!({"metadata": {"check": "https", "tls_server_name": "web.internal.test"}});
     let cases = [
         ("trusted", trusted, https.clone(), "healthy", None),
+        ("named", named, server_name, "healthy", None),
+        ("misnamed", named, https.clone(), "offline", Some("tls")),
         (
             "untrusted",
             self_signed,
