@@ -36,7 +36,7 @@ impl Kind {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Engine {
     kind: Kind,
     global_args: Vec<OsString>,

@@ -11,6 +11,7 @@ mod containers;
 mod http;
 mod images;
 mod install;
+mod interrupt;
 mod ports;
 mod prove;
 mod test;

@@ -51,6 +51,8 @@ pub fn run(names: &[String]) -> Result<()> {
         }
     }
     let root = repo_root();
+    crate::interrupt::install()?;
+    crate::interrupt::stop_on_signal();
     let tools = ensure_tools(&root)?;
     let mut failed = Vec::new();
     for (name, check) in CHECKS {

@@ -6,30 +6,17 @@
 //! that touch storage run on both backends within the one run (`both_backends!`).
 
 use std::process::Command;
-use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{Context, Result, bail};
 use testkit::{PgCluster, RedisServer};
 
 use crate::{cargo, repo_root};
 
-/// The test runner's pid, so that a SIGTERM to us can be passed on before we tear down.
-static RUNNER: AtomicI32 = AtomicI32::new(0);
-
 pub fn run(args: &[String]) -> Result<()> {
     ensure_installed()?;
     // Survive Ctrl-C and SIGTERM long enough to stop the servers: the runner, in our
     // process group, gets Ctrl-C from the terminal too; SIGTERM we pass on to it.
-    ctrlc::set_handler(|| {
-        let pid = RUNNER.load(Ordering::SeqCst);
-        if pid > 0 {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-    })
-    .context("cannot install the signal handler")?;
+    crate::interrupt::install()?;
 
     let postgres = PgCluster::start().context("cannot start PostgreSQL")?;
     let redis = RedisServer::start().context("cannot start Redis")?;
@@ -61,9 +48,9 @@ pub fn run(args: &[String]) -> Result<()> {
         .env("DATABASE_URL", &postgres_url)
         .env("REDIS_URL", redis.url());
     let mut child = command.spawn().context("cannot start the test runner")?;
-    RUNNER.store(i32::try_from(child.id()).unwrap_or(0), Ordering::SeqCst);
+    crate::interrupt::set_runner(child.id());
     let status = child.wait().context("lost the test runner")?;
-    RUNNER.store(0, Ordering::SeqCst);
+    crate::interrupt::set_runner(0);
 
     drop(redis);
     drop(postgres);

@@ -179,6 +179,7 @@ struct Stack {
     child: Child,
     data: PathBuf,
     log: PathBuf,
+    _interrupt: crate::interrupt::Registered,
 }
 
 impl Stack {
@@ -201,7 +202,13 @@ impl Stack {
             .process_group(0)
             .spawn()
             .context("cannot start `cargo xtask up`")?;
-        let mut stack = Self { child, data, log };
+        let pid = i32::try_from(child.id()).unwrap_or(0);
+        let mut stack = Self {
+            child,
+            data,
+            log,
+            _interrupt: crate::interrupt::on_interrupt(move || stop_group(pid)),
+        };
         let log = &stack.log.clone();
         let deadline = Instant::now() + Duration::from_secs(180);
         while !SERVICES
@@ -245,6 +252,26 @@ impl Drop for Stack {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// From the signal handler, where the child cannot be waited for: SIGINT to `up`, up
+/// to 30 s for it to stop its services, then SIGKILL to its process group.
+fn stop_group(pid: i32) {
+    if pid <= 0 {
+        return;
+    }
+    let _ = kill(Pid::from_raw(pid), Signal::SIGINT);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        // Gone, or a zombie nobody will reap now: stopped either way.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
+        if matches!(state, None | Some(Some('Z'))) {
+            return;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
 }
 
 fn tail(log: &Path) -> String {
@@ -313,6 +340,7 @@ fn drive_traffic(data: &Path) -> Result<()> {
 struct Prometheus {
     child: Child,
     port: u16,
+    _interrupt: crate::interrupt::Registered,
 }
 
 impl Prometheus {
@@ -347,7 +375,14 @@ impl Prometheus {
             .stderr(log)
             .spawn()
             .context("cannot start prometheus")?;
-        let prometheus = Self { child, port };
+        let pid = i32::try_from(child.id()).unwrap_or(0);
+        let prometheus = Self {
+            child,
+            port,
+            _interrupt: crate::interrupt::on_interrupt(move || {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while http::status(port, "/-/ready") != Some(200) {
             ensure!(

@@ -33,6 +33,12 @@ const FORBIDDEN: &[&str] = &[
 pub fn prove(root: &Path) -> Result<Vec<String>> {
     let dir = testkit::TempDir::new("concierge-images").context("no temp dir")?;
     let engine = Engine::private_podman(dir.path())?;
+    let _interrupt = {
+        let engine = engine.clone();
+        crate::interrupt::on_interrupt(move || {
+            let _ = engine.output(["rm", "--all", "--force", "--time", "1"]);
+        })
+    };
     let result = prove_with(&engine, root, dir.path());
     // Whatever happened, leave no container behind (the storage goes with the temp dir).
     let _ = engine.output(["rm", "--all", "--force", "--time", "1"]);
