@@ -117,26 +117,13 @@ impl Engine {
         command
     }
 
-    /// Runs `args` and returns stdout; a failure carries stderr.
+    /// Runs `args` and returns stdout; a failure carries what it printed.
     pub fn output<I, S>(&self, args: I) -> Result<String>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let mut command = self.command();
-        command.args(args);
-        let out = command
-            .output()
-            .with_context(|| format!("cannot run {command:?}"))?;
-        if !out.status.success() {
-            bail!(
-                "{:?} failed ({}): {}",
-                command.get_args().collect::<Vec<_>>(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        crate::output(self.command().args(args))
     }
 
     /// Builds one image, its output going to ours.

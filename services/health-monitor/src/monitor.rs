@@ -110,7 +110,8 @@ impl Monitor {
             entries: Mutex::new(HashMap::new()),
             queue: Mutex::new(BinaryHeap::new()),
             kept: Mutex::new(HashMap::new()),
-            max_kept: usize::try_from(common::service::raise_open_files_limit() / 2)
+            // `common::service` raised the limit at start.
+            max_kept: usize::try_from(common::service::open_files_limit() / 2)
                 .unwrap_or(usize::MAX),
             alerts: Mutex::new(alerts),
             recoveries: Mutex::new(recoveries),

@@ -512,11 +512,15 @@ mod tests {
         (port, accepted, task)
     }
 
-    async fn checks(port: u16, count: usize) -> Vec<Verdict> {
-        let method = Method::Http {
+    fn plain() -> Method {
+        Method::Http {
             path: "/health".into(),
             tls: None,
-        };
+        }
+    }
+
+    async fn checks(port: u16, count: usize) -> Vec<Verdict> {
+        let method = plain();
         let mut kept = None;
         let mut verdicts = Vec::new();
         for _ in 0..count {
@@ -557,10 +561,7 @@ mod tests {
     async fn a_kept_connection_serves_only_checks_made_the_same_way() {
         let (port, accepted, _server) = server(Close::Never).await;
         let second = Duration::from_secs(1);
-        let plain = Method::Http {
-            path: "/health".into(),
-            tls: None,
-        };
+        let plain = plain();
         let (probe, kept) = check("127.0.0.1", port, &plain, second, second, None).await;
         assert_eq!(probe.verdict, Verdict::Pass);
         // The instance now says HTTPS: the plain connection must not pass for it.
@@ -584,10 +585,7 @@ mod tests {
     #[tokio::test]
     async fn a_kept_connection_does_not_hide_a_dead_instance() {
         let (port, _, server) = server(Close::Never).await;
-        let method = Method::Http {
-            path: "/health".into(),
-            tls: None,
-        };
+        let method = plain();
         let second = Duration::from_secs(1);
         let (probe, kept) = check("127.0.0.1", port, &method, second, second, None).await;
         assert_eq!(probe.verdict, Verdict::Pass);
