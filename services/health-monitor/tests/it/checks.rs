@@ -200,3 +200,28 @@ async fn the_openapi_document_describes_served_operations() {
     let stack = Stack::start(None, &[]).await;
     common::testing::check_openapi_routes(&stack.monitor.url(""), stack.admin(), 8).await;
 }
+
+#[tokio::test]
+async fn one_upstream_switched_through_every_mode_changes_state_each_time() {
+    let stack = Stack::start(None, &[]).await;
+    let upstream = Upstream::start(Mode::Healthy).await;
+    stack
+        .register("switch", "switch-1", "127.0.0.1", upstream.port, json!({}))
+        .await;
+    stack.wait_state("switch", "switch-1", "healthy").await;
+    for (mode, state) in [
+        (Mode::Slow, "degraded"),
+        (Mode::Healthy, "healthy"),
+        (Mode::Degraded, "degraded"),
+        (Mode::Healthy, "healthy"),
+        (Mode::Failing, "offline"),
+        (Mode::Healthy, "healthy"),
+    ] {
+        upstream.set(mode);
+        stack.wait_state("switch", "switch-1", state).await;
+    }
+    // Dead: the process is gone, its port closed and its connections with it.
+    upstream.stop();
+    let (view, _) = stack.wait_state("switch", "switch-1", "offline").await;
+    assert_eq!(view["last_error"]["reason"], "connect", "{view:#}");
+}
