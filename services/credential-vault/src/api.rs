@@ -32,20 +32,23 @@ const OPENAPI: &str = include_str!("../openapi.json");
 type VaultData = web::Data<Vault>;
 
 pub fn routes(config: &mut web::ServiceConfig) {
+    use common::http::resource;
     config
         .service(
             resource("/api/credentials")
                 .route(web::post().to(create_credential))
                 .route(web::get().to(list_credentials)),
         )
-        .service(
-            resource("/api/credentials/service/{name}").route(web::get().to(service_credentials)),
-        )
+        // The hot read first: actix tries routes in order, each dynamic one a regex run.
+        // No path matches both, since `{id}` is one segment.
         .service(
             resource("/api/credentials/{id}")
                 .route(web::get().to(read_credential))
                 .route(web::put().to(rotate_credential))
                 .route(web::delete().to(delete_credential)),
+        )
+        .service(
+            resource("/api/credentials/service/{name}").route(web::get().to(service_credentials)),
         )
         .service(resource("/api/credentials/{id}/versions").route(web::get().to(list_versions)))
         .service(
@@ -59,13 +62,6 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(resource("/api/audit").route(web::get().to(audit_records)))
         .service(resource("/api/audit/verify").route(web::get().to(verify_audit)))
         .service(resource("/api/openapi.json").route(web::get().to(openapi)));
-}
-
-/// A resource whose wrong methods answer a 405 problem rather than actix's bare 405.
-fn resource(path: &str) -> actix_web::Resource {
-    web::resource(path).default_service(web::to(|| async {
-        Err::<HttpResponse, _>(common::problem::Problem::method_not_allowed())
-    }))
 }
 
 impl FromRequest for RequestContext {

@@ -66,12 +66,13 @@ impl ResponseError for ApiError {
 }
 
 pub fn routes(config: &mut web::ServiceConfig) {
+    use common::http::resource;
     config
-        .service(web::resource("/api/health/system").route(web::get().to(system)))
-        .service(web::resource("/api/health/services").route(web::get().to(services)))
-        .service(web::resource("/api/health/services/{name}").route(web::get().to(service)))
-        .service(web::resource("/api/health/alerts").route(web::get().to(alerts)))
-        .service(web::resource("/api/openapi.json").route(web::get().to(openapi)));
+        .service(resource("/api/health/system").route(web::get().to(system)))
+        .service(resource("/api/health/services").route(web::get().to(services)))
+        .service(resource("/api/health/services/{name}").route(web::get().to(service)))
+        .service(resource("/api/health/alerts").route(web::get().to(alerts)))
+        .service(resource("/api/openapi.json").route(web::get().to(openapi)));
 }
 
 type Data = web::Data<Api>;

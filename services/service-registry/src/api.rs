@@ -32,6 +32,7 @@ pub const HEALTH_READ_SCOPE: &str = "health:read";
 const ADMIN_SCOPE: &str = "admin";
 
 pub fn routes(config: &mut web::ServiceConfig) {
+    use common::http::resource;
     config
         .service(resource("/api/services/register").route(web::post().to(register)))
         .service(resource("/api/services").route(web::get().to(list_services)))
@@ -68,12 +69,6 @@ async fn openapi() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
         .body(OPENAPI)
-}
-
-fn resource(path: &str) -> actix_web::Resource {
-    web::resource(path).default_service(web::to(|| async {
-        Err::<HttpResponse, _>(common::problem::Problem::method_not_allowed())
-    }))
 }
 
 async fn caller(state: &State, req: &HttpRequest) -> Result<Claims, ApiError> {

@@ -37,6 +37,10 @@ fn routes(config: &mut web::ServiceConfig) {
                         .json(serde_json::json!({ "id": *id, "body": body.into_inner() }))
                 },
             ),
+        )
+        .service(
+            common::http::resource("/things/{id}")
+                .route(web::get().to(|id: web::Path<u32>| async move { id.to_string() })),
         );
 }
 
@@ -131,6 +135,32 @@ async fn shared_routes_problems_and_limits() {
     assert_eq!(missing.header("x-request-id"), Some("trace-me-42"));
     assert_eq!(missing.json()["type"], "urn:concierge:problem:not-found");
 
+    // A labelled resource: its template names it in the metrics without a second
+    // match, and a wrong method is a 405 problem.
+    let thing = client
+        .send(
+            Request::get(format!("{base}/things/7"))
+                .body(Bytes::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(thing.status, 200);
+    assert_eq!(thing.body.as_ref(), b"7");
+    let wrong = client
+        .send(
+            Request::delete(format!("{base}/things/7"))
+                .body(Bytes::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(wrong.status, 405);
+    assert_eq!(
+        wrong.json()["type"],
+        "urn:concierge:problem:method-not-allowed"
+    );
+
     let metrics = client
         .send(
             Request::get(format!("{base}/metrics"))
@@ -154,6 +184,13 @@ async fn shared_routes_problems_and_limits() {
         text.contains(r#"route="unmatched",status="404"} 1"#),
         "{text}"
     );
+    for expected in [
+        r#"concierge_http_requests_total{method="GET",route="/things/{id}",status="200"} 1"#,
+        r#"concierge_http_requests_total{method="DELETE",route="/things/{id}",status="405"} 1"#,
+        r#"concierge_http_requests_total{method="GET",route="/ready",status="503"} 1"#,
+    ] {
+        assert!(text.contains(expected), "{expected} missing from\n{text}");
+    }
     server.abort();
 }
 
