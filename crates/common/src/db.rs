@@ -240,6 +240,29 @@ impl Migrations {
     }
 }
 
+/// A pooled connection kept by its holder; back to the pool when dropped.
+pub struct HeldConnection(r2d2::PooledConnection<Manager>);
+
+impl fmt::Debug for HeldConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HeldConnection")
+    }
+}
+
+impl std::ops::Deref for HeldConnection {
+    type Target = DbConnection;
+
+    fn deref(&self) -> &DbConnection {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for HeldConnection {
+    fn deref_mut(&mut self) -> &mut DbConnection {
+        &mut self.0
+    }
+}
+
 /// A pool of connections to one database.
 #[derive(Clone)]
 pub struct Db {
@@ -302,19 +325,33 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&mut DbConnection) -> Result<T, DbError> + Send + 'static,
     {
-        let pool = self.pool.clone();
+        let db = self.clone();
         let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || {
-            span.in_scope(|| {
-                let mut conn = pool
-                    .get_timeout(timeout)
-                    .map_err(|e| DbError::Unavailable(e.to_string()))?;
-                f(&mut conn)
-            })
-        })
-        .in_current_span()
-        .await
-        .map_err(|_| DbError::TaskFailed)?
+        tokio::task::spawn_blocking(move || span.in_scope(|| db.blocking(timeout, f)))
+            .in_current_span()
+            .await
+            .map_err(|_| DbError::TaskFailed)?
+    }
+
+    /// A connection to keep, blocking this thread until one is free: for a thread of
+    /// its own that writes all the time (the audit writer), never for an async worker.
+    /// Every checkout costs a `SELECT 1` (the pool tests it); a held one costs nothing.
+    pub fn hold(&self) -> Result<HeldConnection, DbError> {
+        self.pool
+            .get_timeout(CHECKOUT_TIMEOUT)
+            .map(HeldConnection)
+            .map_err(|e| DbError::Unavailable(e.to_string()))
+    }
+
+    fn blocking<T, F>(&self, timeout: Duration, f: F) -> Result<T, DbError>
+    where
+        F: FnOnce(&mut DbConnection) -> Result<T, DbError>,
+    {
+        let mut conn = self
+            .pool
+            .get_timeout(timeout)
+            .map_err(|e| DbError::Unavailable(e.to_string()))?;
+        f(&mut conn)
     }
 
     /// `SELECT 1` within [`PING_TIMEOUT`]: the readiness check.

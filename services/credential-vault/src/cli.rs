@@ -187,7 +187,7 @@ async fn init(env: &Env, out: PathBuf) -> anyhow::Result<()> {
     }
 
     let metrics = crate::metrics::VaultMetrics::new(&prometheus::Registry::new())?;
-    let audit = AuditLog::start(db.clone(), metrics, AuditHasher::new(audit_key.expose()));
+    let audit = AuditLog::start(db.clone(), metrics, AuditHasher::new(audit_key.expose()))?;
     let committed = audit
         .execute(
             move |conn| {
@@ -252,7 +252,7 @@ async fn rotate_master_key(env: &Env, new_key_file: PathBuf) -> anyhow::Result<(
 
     let metrics = crate::metrics::VaultMetrics::new(&prometheus::Registry::new())?;
     let audit_key = crate::load_keys(&db, &config.keyring).await?.hasher;
-    let audit = AuditLog::start(db.clone(), metrics, audit_key);
+    let audit = AuditLog::start(db.clone(), metrics, audit_key)?;
     let mut rewrapped = 0usize;
     loop {
         let target = new_id.clone();

@@ -185,7 +185,8 @@ pub async fn run(
         event_metrics.clone(),
     )?;
     let vault = web::Data::new(Vault {
-        audit: AuditLog::start(db.clone(), metrics.clone(), hasher.clone()),
+        audit: AuditLog::start(db.clone(), metrics.clone(), hasher.clone())
+            .context("cannot start the audit writer")?,
         db: db.clone(),
         keyring: config.keyring.clone(),
         signer,
