@@ -25,6 +25,9 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 /// How many queued requests one transaction takes at most.
 const MAX_BATCH: usize = 256;
 
+/// How long the writer keeps its connection unused before it takes a tested one.
+const KEEP_IDLE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How a request ended, as the record says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -209,11 +212,12 @@ impl AuditLog {
 type Head = Option<(i64, String)>;
 
 /// Takes what has queued up, appends it as one batch, tells each caller; until every
-/// handle is gone. It keeps its connection between batches and lets it go after an
-/// error, so that a broken one is replaced (the pool tests it at the next checkout).
+/// handle is gone. It keeps its connection between batches of a busy spell and lets it
+/// go after an error or a pause, so that a broken one is replaced (the pool tests it at
+/// the next checkout).
 fn writer(db: &Db, mut queue: mpsc::Receiver<Job>, metrics: &VaultMetrics, key: &AuditHasher) {
     let mut head: Head = None;
-    let mut held: Option<HeldConnection> = None;
+    let mut held: Option<(HeldConnection, Instant)> = None;
     while let Some(first) = queue.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -225,14 +229,15 @@ fn writer(db: &Db, mut queue: mpsc::Receiver<Job>, metrics: &VaultMetrics, key: 
         let size = batch.len();
         let started = Instant::now();
         let known = head.take();
+        // One that sat idle may have lost its server meanwhile: a fresh one is tested.
         let conn = match held.take() {
-            Some(conn) => Ok(conn),
-            None => db.hold(),
+            Some((conn, used)) if used.elapsed() < KEEP_IDLE => Ok(conn),
+            _ => db.hold(),
         };
         let written = conn.map(|mut conn| {
             let written = write_batch(&mut conn, key, batch, known);
             if written.1.is_ok() {
-                held = Some(conn);
+                held = Some((conn, Instant::now()));
             }
             written
         });
