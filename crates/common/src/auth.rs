@@ -5,7 +5,7 @@
 //! no key material taken from the token itself. A key's `kid` is its RFC 7638 thumbprint.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -328,14 +328,22 @@ impl JwksVerifier {
     }
 }
 
-/// Tokens whose signature checked out, so that a token is verified once, not per request.
-/// Expiry and revocation are still checked on every request.
-#[derive(Default)]
-pub struct VerifiedTokens {
-    entries: RwLock<HashMap<String, Claims>>,
+/// Tokens whose signature checked out, so that a token is verified once, not per request,
+/// with what the holder derives from it (the claims, or more). Expiry and revocation are
+/// still checked on every request.
+pub struct VerifiedTokens<T = Claims> {
+    entries: RwLock<HashMap<String, Arc<T>>>,
 }
 
-impl std::fmt::Debug for VerifiedTokens {
+impl<T> Default for VerifiedTokens<T> {
+    fn default() -> Self {
+        Self {
+            entries: RwLock::new(HashMap::new()),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for VerifiedTokens<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The keys are bearer tokens: count them, never print them.
         let count = self.entries.read().map_or(0, |e| e.len());
@@ -345,18 +353,21 @@ impl std::fmt::Debug for VerifiedTokens {
     }
 }
 
-impl VerifiedTokens {
-    pub fn get(&self, token: &str) -> Option<Claims> {
+impl<T> VerifiedTokens<T> {
+    pub fn get(&self, token: &str) -> Option<Arc<T>> {
         let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
         entries.get(token).cloned()
     }
 
-    pub fn put(&self, token: &str, claims: Claims) {
+    /// Keeps `value` for `token` and hands it back shared.
+    pub fn put(&self, token: &str, value: T) -> Arc<T> {
+        let value = Arc::new(value);
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         if entries.len() >= VERIFIED_CAPACITY {
             entries.clear();
         }
-        entries.insert(token.to_owned(), claims);
+        entries.insert(token.to_owned(), value.clone());
+        value
     }
 }
 
@@ -429,7 +440,7 @@ impl Authenticator {
         let token = bearer(header)?;
         let cached = self.verified.get(token).filter(|c| c.exp > now_unix());
         let claims = match cached {
-            Some(claims) => claims,
+            Some(claims) => Claims::clone(&claims),
             None => {
                 let claims = self.verifier.verify(token).await.map_err(|e| match e {
                     VerifyError::Token(token) => AuthError::Invalid(token),

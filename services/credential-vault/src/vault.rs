@@ -43,12 +43,24 @@ pub const AUDIT_KEY_NAME: &str = "audit-hmac";
 pub const SIGNING_PURPOSE: &str = "signing";
 pub const AUDIT_PURPOSE: &str = "audit-hmac";
 
-/// Who is calling, once their token checked out.
-#[derive(Debug, Clone)]
-pub struct Caller {
+/// A token that checked out, and how the audit log names its holder.
+#[derive(Debug)]
+pub struct Identity {
     pub claims: Claims,
-    /// How the audit log names them: subject and the token id's HMAC.
+    /// Subject and the token id's HMAC: computed once per token, not per request.
     pub actor: String,
+}
+
+/// Who is calling, once their token checked out; shared with the verified-token cache.
+#[derive(Debug, Clone)]
+pub struct Caller(Arc<Identity>);
+
+impl std::ops::Deref for Caller {
+    type Target = Identity;
+
+    fn deref(&self) -> &Identity {
+        &self.0
+    }
 }
 
 impl Caller {
@@ -168,7 +180,7 @@ pub struct Vault {
     pub default_grace: Duration,
     pub max_token_ttl: Duration,
     pub snapshots: SnapshotCache,
-    pub verified: VerifiedTokens,
+    pub verified: VerifiedTokens<Identity>,
 }
 
 impl Vault {
@@ -184,18 +196,17 @@ impl Vault {
         let cached = self
             .verified
             .get(token.expose())
-            .filter(|claims| claims.exp > now_unix());
+            .filter(|identity| identity.claims.exp > now_unix());
         let verified = match cached {
-            Some(claims) => Ok(claims),
-            None => self
-                .keys
-                .verify(token.expose(), now_unix())
-                .inspect(|claims| {
-                    self.verified.put(token.expose(), claims.clone());
-                }),
+            Some(identity) => Ok(identity),
+            None => self.keys.verify(token.expose(), now_unix()).map(|claims| {
+                let actor = format!("{} token={}", claims.sub, self.hasher.hash(&claims.jti));
+                self.verified
+                    .put(token.expose(), Identity { claims, actor })
+            }),
         };
-        let claims = match verified {
-            Ok(claims) => claims,
+        let identity = match verified {
+            Ok(identity) => identity,
             Err(common::auth::TokenError::Expired) => {
                 return Err((AuthFailure::Expired, presented()));
             }
@@ -204,11 +215,10 @@ impl Vault {
                 return Err((AuthFailure::Invalid, presented()));
             }
         };
-        let actor = format!("{} token={}", claims.sub, self.hasher.hash(&claims.jti));
-        if self.is_revoked(&claims.jti) {
-            return Err((AuthFailure::Revoked, actor));
+        if self.is_revoked(&identity.claims.jti) {
+            return Err((AuthFailure::Revoked, identity.actor.clone()));
         }
-        Ok(Caller { claims, actor })
+        Ok(Caller(identity))
     }
 
     pub fn is_revoked(&self, token_id: &str) -> bool {
