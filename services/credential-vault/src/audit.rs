@@ -25,9 +25,6 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 /// How many queued requests one transaction takes at most.
 const MAX_BATCH: usize = 256;
 
-/// How long the writer keeps its connection unused before it takes a tested one.
-const KEEP_IDLE: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// How a request ended, as the record says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -212,12 +209,13 @@ impl AuditLog {
 type Head = Option<(i64, String)>;
 
 /// Takes what has queued up, appends it as one batch, tells each caller; until every
-/// handle is gone. It keeps its connection between batches of a busy spell and lets it
-/// go after an error or a pause, so that a broken one is replaced (the pool tests it at
-/// the next checkout).
+/// handle is gone. While more is queued it keeps its connection for the next batch (a
+/// checkout costs the pool's test query); once the queue is empty, or after an error, the
+/// connection goes back to the pool, so that a busy writer never starves the readers
+/// and a broken connection is replaced by a tested one.
 fn writer(db: &Db, mut queue: mpsc::Receiver<Job>, metrics: &VaultMetrics, key: &AuditHasher) {
     let mut head: Head = None;
-    let mut held: Option<(HeldConnection, Instant)> = None;
+    let mut held: Option<HeldConnection> = None;
     while let Some(first) = queue.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -229,17 +227,21 @@ fn writer(db: &Db, mut queue: mpsc::Receiver<Job>, metrics: &VaultMetrics, key: 
         let size = batch.len();
         let started = Instant::now();
         let known = head.take();
-        // One that sat idle may have lost its server meanwhile: a fresh one is tested.
         let conn = match held.take() {
-            Some((conn, used)) if used.elapsed() < KEEP_IDLE => Ok(conn),
-            _ => db.hold(),
+            Some(conn) => Ok(conn),
+            None => db.hold(),
         };
-        let written = conn.map(|mut conn| {
-            let written = write_batch(&mut conn, key, batch, known);
-            if written.1.is_ok() {
-                held = Some((conn, Instant::now()));
+        let written = conn.and_then(|mut conn| {
+            // A change that panics fails its batch (the callers hear "dropped" and
+            // answer 503), not the writer: the next batch starts from the database's head.
+            let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                write_batch(&mut conn, key, batch, known)
+            }))
+            .map_err(|_| DbError::TaskFailed)?;
+            if written.1.is_ok() && !queue.is_empty() {
+                held = Some(conn);
             }
-            written
+            Ok(written)
         });
         metrics.observe_audit_batch(size, started.elapsed());
         match written {

@@ -446,3 +446,59 @@ both_backends!(
         assert_eq!(verified["records"].as_i64().unwrap(), before + 120);
     }
 );
+
+both_backends!(
+    a_change_that_panics_fails_alone_and_the_audit_writer_goes_on,
+    |backend| async move {
+        use credential_vault::audit::{AuditLog, Entry, Outcome};
+
+        let fixture = Fixture::new(backend);
+        let db = fixture.db();
+        let env = common::config::Env::from_pairs(fixture.env(&[]));
+        let config = credential_vault::Config::from_env(&env).unwrap();
+        let hasher = credential_vault::load_keys(&db, &config.keyring)
+            .await
+            .unwrap()
+            .hasher;
+        let metrics =
+            credential_vault::metrics::VaultMetrics::new(&prometheus::Registry::new()).unwrap();
+        let audit = AuditLog::start(db.clone(), metrics, hasher.clone()).unwrap();
+        let entry = |request_id: &str| Entry {
+            actor: "test".into(),
+            action: "credential.read",
+            resource: "credential:none".into(),
+            outcome: Outcome::Success,
+            request_id: request_id.into(),
+            client_addr: "127.0.0.1".into(),
+        };
+
+        let described = entry("panics");
+        let failed = audit
+            .execute(
+                |_conn| -> Result<(), credential_vault::store::StoreError> {
+                    panic!("a change that panics")
+                },
+                move |_| described,
+            )
+            .await;
+        assert!(failed.is_err(), "a panicking change must not succeed");
+        audit.record(entry("after")).await.unwrap();
+
+        let verified = db
+            .run(move |conn| credential_vault::audit::verify(conn, &hasher))
+            .await
+            .unwrap();
+        assert!(verified.ok, "{verified:?}");
+        let ids: Vec<String> = db
+            .run(|conn| {
+                Ok(audit_log::table
+                    .select(audit_log::request_id)
+                    .order(audit_log::seq.asc())
+                    .load(conn)?)
+            })
+            .await
+            .unwrap();
+        assert!(ids.contains(&"after".to_owned()), "{ids:?}");
+        assert!(!ids.contains(&"panics".to_owned()), "{ids:?}");
+    }
+);
