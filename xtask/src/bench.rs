@@ -296,7 +296,9 @@ fn vault(options: &Options) -> Result<()> {
         "inserts",
         "CREATE TABLE bench_insert (id BIGSERIAL PRIMARY KEY, at TIMESTAMP NOT NULL, actor TEXT NOT NULL, detail TEXT NOT NULL)",
     )?;
-    wrk(&url, options.connections, 2, &auth)?; // warm-up: pool, caches
+    // Warm-up for both sides: pools, caches, prepared statements.
+    wrk(&url, options.connections, 3, &auth)?;
+    pgbench_inserts(&postgres, options.connections, 3)?;
     let mut turns = Vec::new();
     for _ in 0..rounds {
         let reads = wrk(&url, options.connections, per_round, &auth)?;
