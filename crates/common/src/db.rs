@@ -329,7 +329,7 @@ impl Db {
     {
         let db = self.clone();
         let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || span.in_scope(|| db.blocking(timeout, f)))
+        tokio::task::spawn_blocking(move || span.in_scope(|| f(&mut *db.checkout(timeout)?)))
             .in_current_span()
             .await
             .map_err(|_| DbError::TaskFailed)?
@@ -339,21 +339,14 @@ impl Db {
     /// its own that writes all the time (the audit writer), never for an async worker.
     /// Every checkout costs a `SELECT 1` (the pool tests it); a held one costs nothing.
     pub fn hold(&self) -> Result<HeldConnection, DbError> {
-        self.pool
-            .get_timeout(CHECKOUT_TIMEOUT)
-            .map(HeldConnection)
-            .map_err(|e| DbError::Unavailable(e.to_string()))
+        self.checkout(CHECKOUT_TIMEOUT)
     }
 
-    fn blocking<T, F>(&self, timeout: Duration, f: F) -> Result<T, DbError>
-    where
-        F: FnOnce(&mut DbConnection) -> Result<T, DbError>,
-    {
-        let mut conn = self
-            .pool
+    fn checkout(&self, timeout: Duration) -> Result<HeldConnection, DbError> {
+        self.pool
             .get_timeout(timeout)
-            .map_err(|e| DbError::Unavailable(e.to_string()))?;
-        f(&mut conn)
+            .map(HeldConnection)
+            .map_err(|e| DbError::Unavailable(e.to_string()))
     }
 
     /// `SELECT 1` within [`PING_TIMEOUT`]: the readiness check.

@@ -2,6 +2,7 @@
 //! `/health`, `/ready`, `/metrics`, request ids, metrics per route template, problem+json
 //! errors for bad input, a body size limit, and a graceful drain on shutdown.
 
+use std::borrow::Cow;
 use std::future::{Future, Ready, ready};
 use std::time::{Duration, Instant};
 
@@ -64,14 +65,14 @@ pub fn resource(path: &'static str) -> actix_web::Resource {
         }))
 }
 
-/// The template of the route that served `req`: its label if the route has one, else
-/// actix's match (slower), else "unmatched".
-fn route_of(req: &HttpRequest) -> String {
+/// The template of the route that served `req`: its label if the route has one (no
+/// allocation), else actix's match (slower), else "unmatched".
+fn route_of(req: &HttpRequest) -> Cow<'static, str> {
     match req.app_data::<RouteTemplate>() {
-        Some(template) => template.0.to_owned(),
+        Some(template) => Cow::Borrowed(template.0),
         None => req
             .match_pattern()
-            .unwrap_or_else(|| "unmatched".to_owned()),
+            .map_or(Cow::Borrowed("unmatched"), Cow::Owned),
     }
 }
 
@@ -183,10 +184,10 @@ async fn observe(
         // Only a middleware fails this way, and none runs inside this one.
         Err(error) => (
             error.as_response_error().status_code(),
-            "unmatched".to_owned(),
+            Cow::Borrowed("unmatched"),
         ),
     };
-    span.record("route", route.as_str());
+    span.record("route", route.as_ref());
     metrics.finished(&route, method, status.as_u16(), elapsed);
     span.in_scope(|| {
         tracing::info!(

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::{Guard, Load, Options, release_binary, spawn_service, start_vault, wrk};
+use super::{Guard, Load, Options, median, release_binary, spawn_service, start_vault, wrk};
 use crate::{http, install};
 
 const BODY: &str = "hello from the upstream\\n";
@@ -237,12 +237,6 @@ impl Total {
         let rounds: Vec<String> = self.p99s_ms.iter().map(|p| format!("{p:.2}")).collect();
         rounds.join("/")
     }
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn print_line(name: &str, total: &Total) {
