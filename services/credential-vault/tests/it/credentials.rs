@@ -70,6 +70,21 @@ both_backends!(
             )
             .await;
         assert_eq!(stale.status, 409);
+        let path = format!("/api/credentials/{id}");
+        for (if_match, body, status, kind) in [
+            ("1", json!({"value": "third"}), 409, "conflict"),
+            ("W/\"1\"", json!({"value": "third"}), 409, "conflict"),
+            ("one", json!({"value": "third"}), 400, "invalid-if-match"),
+            ("2", json!({"value": "third", "cas": 1}), 400, "invalid-cas"),
+        ] {
+            let answer = vault.put_if_match(&path, &admin, if_match, body).await;
+            assert_eq!(answer.status, status, "If-Match: {if_match}");
+            assert_eq!(
+                answer.json()["type"],
+                format!("urn:concierge:problem:{kind}"),
+                "If-Match: {if_match}"
+            );
+        }
         let fresh = vault
             .call(
                 "PUT",

@@ -150,6 +150,23 @@ impl Vault {
         common::testing::send_json(&self.client, method, &url, token, body).await
     }
 
+    /// A `PUT` of `body` with an `If-Match` header.
+    pub async fn put_if_match(
+        &self,
+        path: &str,
+        token: &str,
+        if_match: &str,
+        body: serde_json::Value,
+    ) -> ClientResponse {
+        let request = http::Request::put(self.process.url(path))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .header("if-match", if_match)
+            .body(bytes::Bytes::from(body.to_string()))
+            .unwrap();
+        self.client.send(request).await.unwrap()
+    }
+
     pub async fn get(&self, path: &str, token: &str) -> ClientResponse {
         self.call("GET", path, Some(token), None).await
     }
