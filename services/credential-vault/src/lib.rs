@@ -205,6 +205,10 @@ pub async fn run(
         .reload_revoked()
         .await
         .context("cannot load revoked tokens")?;
+    vault
+        .refresh_key_wear()
+        .await
+        .context("cannot count the versions per master key")?;
     let mut subscription = events::subscribe(
         config.common.redis_url.as_ref(),
         &[Channel::Vault],
@@ -226,6 +230,9 @@ pub async fn run(
                     reconciler.snapshots.clear();
                     if let Err(error) = reconciler.reload_revoked().await {
                         tracing::warn!(%error, "cannot reload revoked tokens; will retry");
+                    }
+                    if let Err(error) = reconciler.refresh_key_wear().await {
+                        tracing::warn!(%error, "cannot count the versions per master key; will retry");
                     }
                 }
             }

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use common::metrics::register;
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 
 /// Decrypting one value is AES-GCM twice over a few KiB: microseconds. Buckets from
 /// 10 µs to 10 ms show both the normal case and a starved CPU.
@@ -35,6 +37,9 @@ pub struct VaultMetrics {
     /// Encryptions under each master key by this process (AES-GCM with random nonces
     /// must rotate its key well before 2^32 of them).
     pub master_key_encryptions: IntCounterVec,
+    /// Credential versions sealed under each master key, counted in the database: the
+    /// figure that lasts across replicas and restarts, for the alert well before 2^32.
+    pub master_key_sealed_versions: IntGaugeVec,
 }
 
 impl VaultMetrics {
@@ -100,6 +105,16 @@ impl VaultMetrics {
                     Opts::new(
                         "concierge_vault_master_key_encryptions_total",
                         "Encryptions under each master key by this process; rotate well before 2^32.",
+                    ),
+                    &["master_key_id"],
+                )?,
+            )?,
+            master_key_sealed_versions: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "concierge_vault_master_key_sealed_versions",
+                        "Credential versions sealed under each master key, counted in the database (all replicas, all restarts); AES-GCM with random nonces: rotate well before 2^32.",
                     ),
                     &["master_key_id"],
                 )?,

@@ -394,6 +394,19 @@ pub fn reseal_key(
 }
 
 /// Version rows still sealed under a key other than `master_key_id`, `limit` at a time.
+/// How many credential versions each master key has sealed a data key for, as the
+/// database holds them: every replica's and every restart's encryptions, destroyed
+/// versions included (their rows stay).
+pub fn versions_per_master_key(conn: &mut DbConnection) -> Result<Vec<(String, i64)>, StoreError> {
+    Ok(credential_versions::table
+        .group_by(credential_versions::master_key_id)
+        .select((
+            credential_versions::master_key_id,
+            diesel::dsl::count_star(),
+        ))
+        .load(conn)?)
+}
+
 pub fn versions_not_under(
     conn: &mut DbConnection,
     master_key_id: &str,

@@ -254,6 +254,17 @@ impl Vault {
         Ok(count)
     }
 
+    /// Counts the versions sealed under each master key again, from the database.
+    pub async fn refresh_key_wear(&self) -> Result<(), StoreError> {
+        let counts = self.read(store::versions_per_master_key).await?;
+        let gauge = &self.metrics.master_key_sealed_versions;
+        gauge.reset();
+        for (master_key_id, versions) in counts {
+            gauge.with_label_values(&[&master_key_id]).set(versions);
+        }
+        Ok(())
+    }
+
     /// A credential with its current and previous versions, from the cache when fresh.
     pub async fn snapshot(&self, id: &str) -> Result<Arc<Snapshot>, StoreError> {
         if let Some(snapshot) = self.snapshots.get(id) {

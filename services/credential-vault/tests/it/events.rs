@@ -176,6 +176,28 @@ both_backends!(metrics_and_audit_filters, |backend| async move {
         assert!(text.contains(expected), "missing {expected}:\n{text}");
     }
     assert!(!text.contains("metric-s3cret"));
+
+    // The database's count of versions per master key, for the wear-out alert: the one
+    // version made so far, once the next resync (1 s here) has counted it.
+    let sealed = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|line| line.starts_with("concierge_vault_master_key_sealed_versions{"))
+            .map(|line| line.rsplit(' ').next().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let started = std::time::Instant::now();
+    loop {
+        let metrics = vault.get("/metrics", &admin).await;
+        let counts = sealed(std::str::from_utf8(&metrics.body).unwrap());
+        if counts == ["1"] {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "sealed versions per master key: {counts:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     // The failed rotation counts once, as a conflict, never also as a success.
     assert!(
         !text.contains(r#"operation="credential.rotate",outcome="success""#),
