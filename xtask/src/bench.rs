@@ -73,6 +73,25 @@ fn release_binary(package: &str) -> Result<PathBuf> {
     Ok(repo_root().join("target/release").join(package))
 }
 
+fn release_example(package: &str, example: &str) -> Result<PathBuf> {
+    let status = cargo()
+        .args([
+            "build",
+            "--release",
+            "--package",
+            package,
+            "--example",
+            example,
+        ])
+        .current_dir(repo_root())
+        .status()
+        .context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("building {package}'s example {example} failed");
+    }
+    Ok(repo_root().join("target/release/examples").join(example))
+}
+
 fn run_ok(command: &mut Command) -> Result<String> {
     let output = command
         .stdin(Stdio::null())

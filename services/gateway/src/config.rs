@@ -27,6 +27,32 @@ pub struct RoutePolicy {
     pub per_service: Option<Rate>,
     /// A valid token is needed (always so on the control plane's routes).
     pub require_token: bool,
+    /// How the gateway speaks to the instances.
+    pub protocol: UpstreamProtocol,
+}
+
+/// How the gateway speaks to a route's instances (`UPSTREAM_PROTOCOL`, or a routes file's
+/// `upstream_protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 on pooled keep-alive connections, one request on a connection at a time.
+    Http1,
+    /// HTTP/2 without TLS, by prior knowledge: the requests to an instance share one
+    /// connection, as with Envoy's `http2_protocol_options` or Traefik's `h2c://`. The
+    /// instance must speak it; upgrades (WebSockets) still go over HTTP/1.1.
+    H2c,
+}
+
+impl FromStr for UpstreamProtocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "http1" => Ok(Self::Http1),
+            "h2c" => Ok(Self::H2c),
+            _ => Err("expected http1 or h2c".to_owned()),
+        }
+    }
 }
 
 /// One entry of the routes file; what it leaves out comes from the environment's defaults.
@@ -39,6 +65,7 @@ struct PolicyEntry {
     balance: Option<String>,
     rate_limit: Option<RateLimitEntry>,
     require_token: Option<bool>,
+    upstream_protocol: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,6 +120,7 @@ impl Config {
             per_client: env.optional("RATE_LIMIT_PER_CLIENT")?,
             per_service: env.optional("RATE_LIMIT_PER_SERVICE")?,
             require_token: false,
+            protocol: env.or("UPSTREAM_PROTOCOL", UpstreamProtocol::Http1)?,
         };
         for (var, value) in [
             ("CONNECT_TIMEOUT", defaults.connect_timeout),
@@ -233,6 +261,9 @@ fn read_policies(
             per_client: rate("per_client", limits.per_client, defaults.per_client)?,
             per_service: rate("per_service", limits.per_service, defaults.per_service)?,
             require_token: entry.require_token.unwrap_or(defaults.require_token),
+            protocol: entry.upstream_protocol.map_or(Ok(defaults.protocol), |p| {
+                UpstreamProtocol::from_str(&p).map_err(|e| field("upstream_protocol", e))
+            })?,
         };
         if policies.iter().any(|(p, _)| *p == prefix) {
             return Err(format!("prefix {prefix} appears twice"));
@@ -263,7 +294,8 @@ mod tests {
         let config = env_with_routes(
             r#"{"routes": [
                 {"prefix": "/payments", "require_token": true, "rate_limit": {"per_service": "10/m"}},
-                {"prefix": "/payments/slow/", "timeout": "90s", "balance": "least_outstanding"}
+                {"prefix": "/payments/slow/", "timeout": "90s", "balance": "least_outstanding",
+                 "upstream_protocol": "h2c"}
             ]}"#,
         )
         .unwrap();
@@ -271,7 +303,9 @@ mod tests {
         assert_eq!(prefix, "/payments/slow");
         assert_eq!(slow.timeout, Duration::from_secs(90));
         assert_eq!(slow.balance, Balance::LeastOutstanding);
+        assert_eq!(slow.protocol, UpstreamProtocol::H2c);
         let (_, payments) = config.policy_for("/payments/charge");
+        assert_eq!(payments.protocol, UpstreamProtocol::Http1);
         assert!(payments.require_token);
         assert_eq!(payments.per_service, Some("10/m".parse().unwrap()));
         assert_eq!(payments.per_client, Some("100/s".parse().unwrap()));
@@ -291,6 +325,10 @@ mod tests {
             (
                 r#"{"routes": [{"prefix": "/a", "rate_limit": {"per_client": "7"}}]}"#,
                 "per_client",
+            ),
+            (
+                r#"{"routes": [{"prefix": "/a", "upstream_protocol": "h3"}]}"#,
+                "upstream_protocol",
             ),
             (
                 r#"{"routes": [{"prefix": "/a", "speed": 1}]}"#,

@@ -21,7 +21,7 @@ pub mod routing;
 pub mod sync;
 pub mod table;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -101,9 +101,9 @@ pub async fn run(
         }
         _ => None,
     };
-    let mut connect_timeouts: BTreeSet<Duration> = BTreeSet::new();
-    connect_timeouts.insert(config.defaults.connect_timeout);
-    connect_timeouts.extend(config.policies.iter().map(|(_, p)| p.connect_timeout));
+    let upstream_kinds = std::iter::once(&config.defaults)
+        .chain(config.policies.iter().map(|(_, policy)| policy))
+        .map(|policy| (policy.connect_timeout, policy.protocol));
 
     let shared_for_ready: Arc<std::sync::OnceLock<Arc<Shared>>> = Arc::default();
     let mut readiness = publisher.add_readiness_check(Readiness::new());
@@ -127,7 +127,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         table: ArcSwap::from_pointee(Table::default()),
         statics,
-        upstreams: Upstreams::new(connect_timeouts),
+        upstreams: Upstreams::new(upstream_kinds),
         limiter: Limiter::new(shared_limits),
         auth,
         metrics: GatewayMetrics::new(&registry)?,
@@ -224,7 +224,9 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     } = served;
     let status = response.status().as_u16();
     let sample = shared.config.access_log_sample;
-    let write = status >= 400 || sample >= 1.0 || (sample > 0.0 && fastrand::f64() < sample);
+    // A line the log's filter would drop is not gathered at all.
+    let write = tracing::enabled!(target: "access", tracing::Level::INFO)
+        && (status >= 400 || sample >= 1.0 || (sample > 0.0 && fastrand::f64() < sample));
     response.extensions_mut().insert(RouteLabel(route.clone()));
     truncate(&mut path, 256);
     let entry = access::Entry {

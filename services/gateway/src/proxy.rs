@@ -14,17 +14,17 @@ use bytes::Bytes;
 use common::hyper_server::{Body, BoxError};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Frame;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::balance::{self, Constraints};
 use crate::breaker::{Admission, Outcome};
-use crate::config::RoutePolicy;
+use crate::config::{RoutePolicy, UpstreamProtocol};
 use crate::error::GatewayError;
 use crate::metrics::{Attempt, GatewayMetrics};
 use crate::table::{Endpoint, Live, Pool};
@@ -35,33 +35,53 @@ pub const SUBJECT_HEADER: HeaderName = HeaderName::from_static("x-concierge-subj
 /// Attempts per request at most (the first and two retries), budget permitting.
 const MAX_ATTEMPTS: usize = 3;
 
-/// Pooled keep-alive clients to the instances, one per connect timeout in use.
+/// Pooled keep-alive clients to the instances, one per connect timeout and protocol in
+/// use. Every connect timeout has an HTTP/1.1 client, which upgrades need.
 #[derive(Debug)]
 pub struct Upstreams {
-    clients: HashMap<Duration, Client<HttpConnector, Body>>,
+    clients: HashMap<(Duration, UpstreamProtocol), Client<HttpConnector, Body>>,
 }
 
 impl Upstreams {
-    pub fn new(connect_timeouts: impl IntoIterator<Item = Duration>) -> Self {
-        let clients = connect_timeouts
-            .into_iter()
-            .map(|timeout| {
-                let mut connector = HttpConnector::new();
-                connector.set_connect_timeout(Some(timeout));
-                connector.set_nodelay(true);
-                connector.set_keepalive(Some(Duration::from_secs(60)));
-                let client = Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(Duration::from_secs(60))
-                    .pool_max_idle_per_host(1024)
-                    .build(connector);
-                (timeout, client)
-            })
-            .collect();
+    pub fn new(routes: impl IntoIterator<Item = (Duration, UpstreamProtocol)>) -> Self {
+        let mut clients = HashMap::new();
+        for (timeout, protocol) in routes {
+            for protocol in [UpstreamProtocol::Http1, protocol] {
+                clients
+                    .entry((timeout, protocol))
+                    .or_insert_with(|| Self::client_for(timeout, protocol));
+            }
+        }
         Self { clients }
     }
 
-    fn client(&self, connect_timeout: Duration) -> Option<&Client<HttpConnector, Body>> {
-        self.clients.get(&connect_timeout)
+    fn client_for(timeout: Duration, protocol: UpstreamProtocol) -> Client<HttpConnector, Body> {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(timeout));
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024);
+        if protocol == UpstreamProtocol::H2c {
+            // One connection per instance carries all its requests; pings find a dead
+            // one that no request is waiting on.
+            builder
+                .http2_only(true)
+                .timer(TokioTimer::new())
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .http2_keep_alive_timeout(Duration::from_secs(10));
+        }
+        builder.build(connector)
+    }
+
+    fn client(
+        &self,
+        connect_timeout: Duration,
+        protocol: UpstreamProtocol,
+    ) -> Option<&Client<HttpConnector, Body>> {
+        self.clients.get(&(connect_timeout, protocol))
     }
 }
 
@@ -165,9 +185,16 @@ pub async fn forward(
     mut outgoing: Outgoing,
 ) -> Result<(Response<Body>, Answered), GatewayError> {
     let service = &*pool.service;
-    let client = cx.upstreams.client(policy.connect_timeout).ok_or_else(|| {
-        GatewayError::Internal("no client for the route's connect timeout".into())
-    })?;
+    // An upgrade is an HTTP/1.1 mechanism (RFC 9110 §7.8), whatever the route speaks.
+    let protocol = if outgoing.upgrade.is_some() {
+        UpstreamProtocol::Http1
+    } else {
+        policy.protocol
+    };
+    let client = cx
+        .upstreams
+        .client(policy.connect_timeout, protocol)
+        .ok_or_else(|| GatewayError::Internal("no client for the route's upstreams".into()))?;
     let replayable = outgoing.body.replayable() && outgoing.upgrade.is_none();
     let idempotent = is_idempotent(&outgoing.method);
     pool.budget.deposit();
@@ -204,7 +231,7 @@ pub async fn forward(
         } else {
             outgoing.headers.clone()
         };
-        let request = upstream_request(&outgoing, endpoint, headers, body)?;
+        let request = upstream_request(&outgoing, endpoint, protocol, headers, body)?;
         let started = Instant::now();
         // The wait for a free connection slot counts against the request's timeout.
         let answer = tokio::time::timeout(policy.timeout, async {
@@ -359,6 +386,7 @@ fn record(
 fn upstream_request(
     outgoing: &Outgoing,
     endpoint: &Endpoint,
+    protocol: UpstreamProtocol,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Request<Body>, GatewayError> {
@@ -374,6 +402,13 @@ fn upstream_request(
     *request.method_mut() = outgoing.method.clone();
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
+    if protocol == UpstreamProtocol::H2c {
+        *request.version_mut() = Version::HTTP_2;
+        // HTTP/2 names the authority in `:authority`, which is the instance's address here
+        // (the pool connects by it); a `Host` that differs is malformed (RFC 9113 §8.3.1),
+        // and nginx answers it with a 400. The client's host travels in X-Forwarded-Host.
+        request.headers_mut().remove(header::HOST);
+    }
     Ok(request)
 }
 
@@ -459,6 +494,10 @@ pub fn upstream_headers(
 fn downstream(response: Response<hyper::body::Incoming>, upgrade: bool) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    if parts.version == Version::HTTP_2 {
+        // From an h2c instance; the client's connection decides what goes on the wire.
+        parts.version = Version::HTTP_11;
+    }
     Response::from_parts(parts, body.map_err(BoxError::from).boxed())
 }
 

@@ -4,6 +4,11 @@
 //! three rounds so that a noisy neighbour weighs on all of them alike; then the
 //! gateway alone at 10,000 concurrent connections.
 //!
+//! The gateway runs twice: to the upstream's HTTP/1.1 port, as nginx and HAProxy do, and
+//! to its h2c port (a route with `upstream_protocol` h2c). Beside it runs hyper's floor
+//! (`examples/hyper_floor.rs`), a proxy with none of the gateway's features, to show
+//! what the hyper stack costs before any of the gateway's own work.
+//!
 //! Besides requests per second and latency it prints requests per CPU-second of each
 //! proxy's own process (from /proc before and after), which is what "faster per CPU"
 //! means on a machine that wrk, the upstream and the proxy share.
@@ -14,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::{Guard, Load, Options, median, release_binary, spawn_service, start_vault, wrk};
+use super::{
+    Guard, Load, Options, median, release_binary, release_example, spawn_service, start_vault, wrk,
+};
 use crate::{http, install};
 
 const BODY: &str = "hello from the upstream\\n";
@@ -32,15 +39,21 @@ pub fn run(options: &Options) -> Result<()> {
     let vault_binary = release_binary("credential-vault")?;
     let registry_binary = release_binary("service-registry")?;
     let gateway_binary = release_binary("gateway")?;
+    let floor_binary = release_example("gateway", "hyper_floor")?;
     let work = testkit::TempDir::new("concierge-bench")?;
     let dir = work.path();
 
+    // One upstream server on two ports, HTTP/1.1 and h2c: nginx 1.22 cannot serve both on
+    // one plain-text port.
     let upstream_port = testkit::free_port()?;
+    let upstream_h2c_port = testkit::free_port()?;
     let _upstream = nginx(
         dir,
         "upstream",
         &format!(
-            "server {{ listen 127.0.0.1:{upstream_port} backlog=65535; keepalive_requests 10000000; location / {{ default_type text/plain; return 200 \"{BODY}\"; }} }}"
+            "server {{ listen 127.0.0.1:{upstream_port} backlog=65535; listen 127.0.0.1:{upstream_h2c_port} http2 backlog=65535;\n\
+             keepalive_requests 10000000; http2_max_requests 10000000;\n\
+             location / {{ default_type text/plain; return 200 \"{BODY}\"; }} }}"
         ),
     )?;
     let nginx_port = testkit::free_port()?;
@@ -80,19 +93,26 @@ pub fn run(options: &Options) -> Result<()> {
     )?;
     let admin = std::fs::read_to_string(tokens.join("admin-token"))?;
     let admin_header = format!("Bearer {}", admin.trim());
-    let registration = format!(
-        r#"{{"name":"bench","instance_id":"bench-1","address":"127.0.0.1","port":{upstream_port},"health_endpoint":"/"}}"#
-    );
-    let (status, answer) = http::request(
-        registry_port,
-        "POST",
-        "/api/services/register",
-        &[("Authorization", &admin_header)],
-        Some(&registration),
-    )?;
-    if status != 201 {
-        bail!("registering the upstream failed: {status} {answer}");
+    for (name, port) in [("bench", upstream_port), ("bench-h2c", upstream_h2c_port)] {
+        let registration = format!(
+            r#"{{"name":"{name}","instance_id":"{name}-1","address":"127.0.0.1","port":{port},"health_endpoint":"/"}}"#
+        );
+        let (status, answer) = http::request(
+            registry_port,
+            "POST",
+            "/api/services/register",
+            &[("Authorization", &admin_header)],
+            Some(&registration),
+        )?;
+        if status != 201 {
+            bail!("registering the upstream as {name} failed: {status} {answer}");
+        }
     }
+    let routes_file = dir.join("routes.json");
+    std::fs::write(
+        &routes_file,
+        r#"{"routes": [{"prefix": "/bench-h2c", "upstream_protocol": "h2c"}]}"#,
+    )?;
     let gateway_port = testkit::free_port()?;
     let registry_url = format!("http://127.0.0.1:{registry_port}");
     let gateway_token = tokens.join("gateway-token");
@@ -104,16 +124,37 @@ pub fn run(options: &Options) -> Result<()> {
             ("VAULT_URL", vault_url.as_str()),
             ("TOKEN_FILE", gateway_token.to_str().unwrap_or_default()),
             ("HTTP_WORKERS", "1"),
+            ("ROUTES_FILE", routes_file.to_str().unwrap_or_default()),
         ],
         &[],
     )?;
     let started = Instant::now();
-    while http::status(gateway_port, "/bench/") != Some(200) {
-        if started.elapsed() > Duration::from_secs(15) {
-            bail!("the gateway never routed /bench/");
+    for path in ["/bench/", "/bench-h2c/"] {
+        while http::status(gateway_port, path) != Some(200) {
+            if started.elapsed() > Duration::from_secs(15) {
+                bail!(
+                    "the gateway never routed {path}: {:?}",
+                    http::status(gateway_port, path)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
+    let floor = |mode: &str, upstream: u16| -> Result<(Guard, u16)> {
+        let port = testkit::free_port()?;
+        let guard = Guard(
+            Command::new(&floor_binary)
+                .args([mode, &port.to_string(), &upstream.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("cannot start the hyper floor")?,
+        );
+        testkit::wait_for_port(port, Duration::from_secs(10))?;
+        Ok((guard, port))
+    };
+    let (floor_http1, floor_http1_port) = floor("http1", upstream_port)?;
+    let (floor_h2c, floor_h2c_port) = floor("h2c", upstream_h2c_port)?;
 
     let targets = [
         (
@@ -135,6 +176,21 @@ pub fn run(options: &Options) -> Result<()> {
             "gateway (1 thread)",
             format!("http://127.0.0.1:{gateway_port}/bench/"),
             Some(gateway.0.id()),
+        ),
+        (
+            "gateway, h2c upstream",
+            format!("http://127.0.0.1:{gateway_port}/bench-h2c/"),
+            Some(gateway.0.id()),
+        ),
+        (
+            "hyper floor, HTTP/1.1",
+            format!("http://127.0.0.1:{floor_http1_port}/"),
+            Some(floor_http1.0.id()),
+        ),
+        (
+            "hyper floor, h2c",
+            format!("http://127.0.0.1:{floor_h2c_port}/"),
+            Some(floor_h2c.0.id()),
         ),
     ];
     // The targets take turns, a few seconds each per round, so that a noisy neighbour
@@ -161,15 +217,13 @@ pub fn run(options: &Options) -> Result<()> {
         print_line(name, total);
     }
     let per_cpu = |i: usize| totals[i].per_cpu_second();
-    if let (Some(gateway), Some(nginx), Some(haproxy)) = (per_cpu(3), per_cpu(1), per_cpu(2)) {
-        println!(
-            "ratio gateway ÷ nginx, requests per CPU-second:   {:.2} (target ≥ 1.1)",
-            gateway / nginx
-        );
-        println!(
-            "ratio gateway ÷ HAProxy, requests per CPU-second: {:.2}",
-            gateway / haproxy
-        );
+    if let (Some(nginx), Some(haproxy)) = (per_cpu(1), per_cpu(2)) {
+        println!("requests per CPU-second ÷ nginx's (target ≥ 1.1 for the gateway), ÷ HAProxy's:");
+        for (i, (name, _, _)) in targets.iter().enumerate().skip(3) {
+            if let Some(own) = per_cpu(i) {
+                println!("  {name:<24} {:.2}   {:.2}", own / nginx, own / haproxy);
+            }
+        }
     }
     println!(
         "p99 gateway {:.2} ms vs nginx {:.2} ms, median round (target: at most nginx's); rounds: gateway {}, nginx {}",
@@ -245,7 +299,7 @@ fn print_line(name: &str, total: &Total) {
         |cpu| {
             let requests = total.requests.max(1.0);
             // Where a request's CPU goes: the proxy's own code, and the kernel's TCP work
-            // (four socket operations a request for any proxy), which no proxy avoids.
+            // (four socket operations a request, unless requests share an h2c connection).
             format!(
                 "{:.0} req per CPU-s ({:.2} CPU-s; per request {:.1} µs own code + {:.1} µs kernel)",
                 total.per_cpu_second().unwrap_or_default(),

@@ -158,3 +158,85 @@ async fn an_upgraded_connection_survives_route_changes() {
         read_until(&mut socket, format!("round {round}").as_bytes()).await;
     }
 }
+
+/// A route that speaks h2c to its instances multiplexes its requests on one connection,
+/// streams a large answer through it, and still upgrades over HTTP/1.1.
+#[tokio::test]
+async fn an_h2c_route_shares_one_connection_and_still_upgrades() {
+    let dir = testkit::TempDir::new("gateway-h2c").unwrap();
+    let routes = dir.path().join("routes.json");
+    std::fs::write(
+        &routes,
+        json!({"routes": [{"prefix": "/fast", "upstream_protocol": "h2c"}]}).to_string(),
+    )
+    .unwrap();
+    let stack = Stack::start(&[
+        ("ROUTES_FILE", routes.to_str().unwrap()),
+        ("MAX_BODY_BYTES", "16777216"),
+    ])
+    .await;
+    let fast = Upstream::start("fast").await;
+    let slow = Upstream::start("slow").await;
+    stack.register("fast", "f-1", fast.port, json!({})).await;
+    stack.register("slow", "s-1", slow.port, json!({})).await;
+    stack.wait_for("/fast/x", 200).await;
+    stack.wait_for("/slow/x", 200).await;
+
+    let first = stack.get("/fast/echo").await;
+    assert_eq!(first.json()["version"], "HTTP/2.0", "{:?}", first.json());
+    assert_eq!(first.json()["path"], "/echo");
+    // The client's host moves to X-Forwarded-Host: in HTTP/2 the authority is the instance's.
+    let headers = &first.json()["headers"];
+    assert!(headers.get("host").is_none(), "{headers:?}");
+    assert!(
+        headers["x-forwarded-host"]
+            .as_str()
+            .is_some_and(|host| host.starts_with("127.0.0.1:")),
+        "{headers:?}"
+    );
+    let calls: Vec<_> = (0..32)
+        .map(|i| {
+            let client = stack.client.clone();
+            let url = stack.gateway.url(&format!("/fast/item/{i}"));
+            tokio::spawn(async move {
+                common::testing::send_json(&client, "GET", &url, None, None).await
+            })
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        let answer = call.await.unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.json()["path"], format!("/item/{i}"));
+        assert_eq!(answer.json()["version"], "HTTP/2.0");
+    }
+    let download = stack.get(&format!("/fast/bytes/{TEN_MIB}")).await;
+    assert_eq!(download.status, 200);
+    assert_eq!(download.body.len(), TEN_MIB);
+    assert_eq!(
+        fast.connections.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "every request to the h2c instance went over one connection"
+    );
+    // Routes without the policy keep HTTP/1.1.
+    assert_eq!(stack.get("/slow/echo").await.json()["version"], "HTTP/1.1");
+
+    // An upgrade is HTTP/1.1's, so it takes a connection of its own.
+    let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
+        .await
+        .unwrap();
+    socket
+        .write_all(
+            b"GET /fast/ws HTTP/1.1\r\nHost: fast.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let head = read_until(&mut socket, b"\r\n\r\n").await;
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    socket.write_all(b"over h1").await.unwrap();
+    read_until(&mut socket, b"over h1").await;
+    assert_eq!(
+        fast.connections.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+}

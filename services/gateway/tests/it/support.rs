@@ -205,6 +205,8 @@ pub struct Upstream {
     pub hits: Arc<AtomicU64>,
     /// While set, `/flaky` answers 500.
     pub failing: Arc<AtomicBool>,
+    /// Connections it accepted.
+    pub connections: Arc<AtomicU64>,
 }
 
 impl Upstream {
@@ -214,7 +216,9 @@ impl Upstream {
     /// - `/status/N`: an empty answer with status N;
     /// - `/flaky`: 500 while `failing` is set, else 200;
     /// - `/ws`: a protocol upgrade, then echoes every byte;
-    /// - anything else: `{"instance", "method", "path", "headers"}` as JSON.
+    /// - anything else: `{"instance", "method", "path", "version", "headers"}` as JSON.
+    ///
+    /// It speaks HTTP/1.1 and, by prior knowledge, HTTP/2.
     pub async fn start(name: &'static str) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let upstream = Self {
@@ -222,6 +226,7 @@ impl Upstream {
             name,
             hits: Arc::default(),
             failing: Arc::default(),
+            connections: Arc::default(),
         };
         let state = upstream.clone();
         tokio::spawn(async move {
@@ -229,6 +234,7 @@ impl Upstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                state.connections.fetch_add(1, Ordering::Relaxed);
                 let state = state.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
@@ -316,6 +322,7 @@ impl Upstream {
                 "instance": self.name,
                 "method": req.method().as_str(),
                 "path": path_and_query,
+                "version": format!("{:?}", req.version()),
                 "headers": headers,
             }),
         )
