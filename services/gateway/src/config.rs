@@ -315,6 +315,16 @@ mod tests {
     }
 
     #[test]
+    fn upstream_protocol_sets_the_default() {
+        let config = Config::from_env(&Env::from_pairs([("UPSTREAM_PROTOCOL", "h2c")])).unwrap();
+        assert_eq!(config.defaults.protocol, UpstreamProtocol::H2c);
+        let plain = Config::from_env(&Env::from_pairs([])).unwrap();
+        assert_eq!(plain.defaults.protocol, UpstreamProtocol::Http1);
+        let error = Config::from_env(&Env::from_pairs([("UPSTREAM_PROTOCOL", "h3")])).unwrap_err();
+        assert_eq!(error.var, "UPSTREAM_PROTOCOL");
+    }
+
+    #[test]
     fn a_bad_routes_file_names_the_variable_and_the_field() {
         for (json, needle) in [
             (r#"{"routes": [{"prefix": "x"}]}"#, "must start with /"),

@@ -185,8 +185,9 @@ pub async fn forward(
     mut outgoing: Outgoing,
 ) -> Result<(Response<Body>, Answered), GatewayError> {
     let service = &*pool.service;
-    // An upgrade is an HTTP/1.1 mechanism (RFC 9110 §7.8), whatever the route speaks.
-    let protocol = if outgoing.upgrade.is_some() {
+    // An upgrade is an HTTP/1.1 mechanism (RFC 9110 §7.8), whatever the route speaks; the
+    // control plane's services speak nothing else.
+    let protocol = if outgoing.upgrade.is_some() || crate::table::is_control_plane(service) {
         UpstreamProtocol::Http1
     } else {
         policy.protocol

@@ -33,7 +33,9 @@ pub const CONTROL_PLANE_ROUTES: &[(&str, &str)] = &[
 /// Control-plane paths that need no token.
 pub const PUBLIC_PATHS: &[&str] = &["/api/auth/jwks"];
 
-fn is_control_plane(service: &str) -> bool {
+/// Whether `service` is one of ours, which speak HTTP/1.1 only (actix-web does not detect
+/// h2c), so that `UPSTREAM_PROTOCOL` never applies to them.
+pub fn is_control_plane(service: &str) -> bool {
     matches!(
         service,
         services::CREDENTIAL_VAULT | services::SERVICE_REGISTRY | services::HEALTH_MONITOR

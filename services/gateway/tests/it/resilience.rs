@@ -11,8 +11,24 @@ use crate::support::{GATEWAY, Stack, Upstream, get, instance_status, metric};
 
 #[tokio::test]
 async fn a_killed_instance_costs_no_failed_get_and_gets_nothing_once_its_circuit_is_open() {
+    killed_instance("http1").await;
+}
+
+/// The same over h2c, where every request in flight to the instance dies with its one
+/// connection.
+#[tokio::test]
+async fn a_killed_h2c_instance_costs_no_failed_get_either() {
+    killed_instance("h2c").await;
+}
+
+async fn killed_instance(protocol: &str) {
     // A long cool-down: the dead instance must not even be probed during the test.
-    let stack = Stack::start(&[("CIRCUIT_COOLDOWN", "5m"), ("CIRCUIT_MAX_COOLDOWN", "5m")]).await;
+    let stack = Stack::start(&[
+        ("CIRCUIT_COOLDOWN", "5m"),
+        ("CIRCUIT_MAX_COOLDOWN", "5m"),
+        ("UPSTREAM_PROTOCOL", protocol),
+    ])
+    .await;
     // Three real processes as the instances (gateways with no routes answer /health).
     let mut instances = Vec::new();
     for i in 0..3 {
@@ -24,6 +40,9 @@ async fn a_killed_instance_costs_no_failed_get_and_gets_nothing_once_its_circuit
         instances.push(process);
     }
     stack.wait_for("/echo/health", 200).await;
+    // Our own services speak HTTP/1.1 whatever UPSTREAM_PROTOCOL says.
+    let services = stack.get_as("/api/services", stack.admin()).await;
+    assert_eq!(services.status, 200, "{:?}", services.json());
 
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
