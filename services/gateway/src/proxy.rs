@@ -3,7 +3,6 @@
 //!
 //! The only module that uses the hyper client (STYLE.md, "one door").
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -32,6 +31,10 @@ use crate::table::{Endpoint, Live, Pool};
 /// The header that carries the verified token subject upstream; never taken from a client.
 pub const SUBJECT_HEADER: HeaderName = HeaderName::from_static("x-concierge-subject");
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Attempts per request at most (the first and two retries), budget permitting.
 const MAX_ATTEMPTS: usize = 3;
 
@@ -39,17 +42,18 @@ const MAX_ATTEMPTS: usize = 3;
 /// use. Every connect timeout has an HTTP/1.1 client, which upgrades need.
 #[derive(Debug)]
 pub struct Upstreams {
-    clients: HashMap<(Duration, UpstreamProtocol), Client<HttpConnector, Body>>,
+    /// A handful at most, so a scan beats hashing the key on every request.
+    clients: Vec<((Duration, UpstreamProtocol), Client<HttpConnector, Body>)>,
 }
 
 impl Upstreams {
     pub fn new(routes: impl IntoIterator<Item = (Duration, UpstreamProtocol)>) -> Self {
-        let mut clients = HashMap::new();
+        let mut clients = Vec::new();
         for (timeout, protocol) in routes {
             for protocol in [UpstreamProtocol::Http1, protocol] {
-                clients
-                    .entry((timeout, protocol))
-                    .or_insert_with(|| Self::client_for(timeout, protocol));
+                if !clients.iter().any(|(key, _)| *key == (timeout, protocol)) {
+                    clients.push(((timeout, protocol), Self::client_for(timeout, protocol)));
+                }
             }
         }
         Self { clients }
@@ -81,7 +85,10 @@ impl Upstreams {
         connect_timeout: Duration,
         protocol: UpstreamProtocol,
     ) -> Option<&Client<HttpConnector, Body>> {
-        self.clients.get(&(connect_timeout, protocol))
+        self.clients
+            .iter()
+            .find(|(key, _)| *key == (connect_timeout, protocol))
+            .map(|(_, client)| client)
     }
 }
 
@@ -439,6 +446,15 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers, and those the `Connection` header names. With `upgrade`,
 /// `Connection: upgrade` and `Upgrade` stay: they are the point of the request.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // One pass over the few names present, rather than a lookup for each of the nine.
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| *name == header::UPGRADE || HOP_BY_HOP.contains(name))
+        .cloned()
+        .collect();
+    if present.is_empty() {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -447,10 +463,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
     let upgrade_value = headers.get(header::UPGRADE).cloned();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    for name in named.iter().chain(&present) {
         headers.remove(name);
     }
-    headers.remove(header::UPGRADE);
     if upgrade && let Some(value) = upgrade_value {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, value);
@@ -469,21 +484,21 @@ pub fn upstream_headers(
     strip_hop_by_hop(headers, upgrade);
     headers.remove(SUBJECT_HEADER);
     if let Some(peer) = peer {
-        let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
             Some(earlier) => format!("{earlier}, {peer}"),
             None => peer.to_string(),
         };
         if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-            headers.insert("x-forwarded-for", value);
+            headers.insert(X_FORWARDED_FOR, value);
         }
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     match host {
         Some(host) => {
-            headers.insert("x-forwarded-host", host);
+            headers.insert(X_FORWARDED_HOST, host);
         }
         None => {
-            headers.remove("x-forwarded-host");
+            headers.remove(X_FORWARDED_HOST);
         }
     }
     if let Some(subject) = subject.and_then(|s| HeaderValue::from_str(s).ok()) {
