@@ -47,7 +47,7 @@ pub fn run(options: &Options) -> Result<()> {
     // one plain-text port.
     let upstream_port = testkit::free_port()?;
     let upstream_h2c_port = testkit::free_port()?;
-    let _upstream = nginx(
+    let upstream = nginx(
         dir,
         "upstream",
         &format!(
@@ -206,7 +206,9 @@ pub fn run(options: &Options) -> Result<()> {
     for _ in 0..GATEWAY_ROUNDS {
         for ((_, url, pid), total) in targets.iter().zip(&mut totals) {
             let cpu_before = pid.map(cpu_times).transpose()?;
+            let upstream_before = cpu_seconds(upstream.0.id())?;
             let load = wrk(url, 64, per_round, &[])?;
+            total.upstream_cpu += cpu_seconds(upstream.0.id())? - upstream_before;
             if let (Some(pid), Some(before)) = (pid, cpu_before) {
                 total.add_cpu(cpu_times(*pid)? - before);
             }
@@ -255,6 +257,8 @@ struct Total {
     p50s_ms: Vec<f64>,
     p99s_ms: Vec<f64>,
     cpu: Option<CpuTime>,
+    /// The upstream's CPU seconds meanwhile: what a proxy's way of talking to it costs it.
+    upstream_cpu: f64,
 }
 
 impl Total {
@@ -310,11 +314,12 @@ fn print_line(name: &str, total: &Total) {
         },
     );
     println!(
-        "{name:<24} {:>8.0} req/s, p50 {:.2} ms, p99 {:.2} ms (median round), {} errors, {efficiency}",
+        "{name:<24} {:>8.0} req/s, p50 {:.2} ms, p99 {:.2} ms (median round), {} errors, {efficiency}; upstream {:.1} µs per request",
         total.requests / total.seconds.max(1.0),
         total.median_p50(),
         total.median_p99(),
-        total.errors
+        total.errors,
+        total.upstream_cpu / total.requests.max(1.0) * 1e6
     );
 }
 
