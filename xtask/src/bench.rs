@@ -62,34 +62,26 @@ impl Drop for Guard {
 }
 
 fn release_binary(package: &str) -> Result<PathBuf> {
-    let status = cargo()
-        .args(["build", "--release", "--package", package])
-        .current_dir(repo_root())
-        .status()
-        .context("cannot run cargo build")?;
-    if !status.success() {
-        bail!("building {package} failed");
-    }
+    build_release(&["--package", package], package)?;
     Ok(repo_root().join("target/release").join(package))
 }
 
 fn release_example(package: &str, example: &str) -> Result<PathBuf> {
+    build_release(&["--package", package, "--example", example], example)?;
+    Ok(repo_root().join("target/release/examples").join(example))
+}
+
+fn build_release(args: &[&str], what: &str) -> Result<()> {
     let status = cargo()
-        .args([
-            "build",
-            "--release",
-            "--package",
-            package,
-            "--example",
-            example,
-        ])
+        .args(["build", "--release"])
+        .args(args)
         .current_dir(repo_root())
         .status()
         .context("cannot run cargo build")?;
     if !status.success() {
-        bail!("building {package}'s example {example} failed");
+        bail!("building {what} failed");
     }
-    Ok(repo_root().join("target/release/examples").join(example))
+    Ok(())
 }
 
 fn run_ok(command: &mut Command) -> Result<String> {

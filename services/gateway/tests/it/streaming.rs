@@ -120,6 +120,22 @@ async fn read_until(stream: &mut tokio::net::TcpStream, needle: &[u8]) -> Vec<u8
     seen
 }
 
+/// A WebSocket handshake through the gateway; the socket once it has switched protocols.
+async fn open_websocket(stack: &Stack, path: &str) -> tokio::net::TcpStream {
+    let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
+        .await
+        .unwrap();
+    let handshake = format!(
+        "GET {path} HTTP/1.1\r\nHost: chat.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    socket.write_all(handshake.as_bytes()).await.unwrap();
+    let head = read_until(&mut socket, b"\r\n\r\n").await;
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    socket
+}
+
 #[tokio::test]
 async fn an_upgraded_connection_survives_route_changes() {
     let stack = Stack::start(&[]).await;
@@ -127,19 +143,7 @@ async fn an_upgraded_connection_survives_route_changes() {
     stack.register("chat", "c-1", chat.port, json!({})).await;
     stack.wait_for("/chat/x", 200).await;
 
-    let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
-        .await
-        .unwrap();
-    socket
-        .write_all(
-            b"GET /chat/ws HTTP/1.1\r\nHost: chat.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let head = read_until(&mut socket, b"\r\n\r\n").await;
-    let head = String::from_utf8_lossy(&head).to_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
-    assert!(head.contains("upgrade: websocket"), "{head}");
+    let mut socket = open_websocket(&stack, "/chat/ws").await;
     socket.write_all(b"hello").await.unwrap();
     read_until(&mut socket, b"hello").await;
 
@@ -221,18 +225,7 @@ async fn an_h2c_route_shares_one_connection_and_still_upgrades() {
     assert_eq!(stack.get("/slow/echo").await.json()["version"], "HTTP/1.1");
 
     // An upgrade is HTTP/1.1's, so it takes a connection of its own.
-    let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
-        .await
-        .unwrap();
-    socket
-        .write_all(
-            b"GET /fast/ws HTTP/1.1\r\nHost: fast.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let head = read_until(&mut socket, b"\r\n\r\n").await;
-    let head = String::from_utf8_lossy(&head).to_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
+    let mut socket = open_websocket(&stack, "/fast/ws").await;
     socket.write_all(b"over h1").await.unwrap();
     read_until(&mut socket, b"over h1").await;
     assert_eq!(
