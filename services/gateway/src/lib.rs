@@ -224,7 +224,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     } = served;
     let status = response.status().as_u16();
     let sample = shared.config.access_log_sample;
-    // A line the log's filter would drop is not gathered at all.
+    // A body whose line the log's filter would drop is not wrapped to write it.
     let write = tracing::enabled!(target: "access", tracing::Level::INFO)
         && (status >= 400 || sample >= 1.0 || (sample > 0.0 && fastrand::f64() < sample));
     response.extensions_mut().insert(RouteLabel(route.clone()));

@@ -70,12 +70,18 @@ impl Upstreams {
             .pool_max_idle_per_host(1024);
         if protocol == UpstreamProtocol::H2c {
             // One connection per instance carries all its requests; pings find a dead
-            // one that no request is waiting on.
+            // one, also while no request is waiting on it. Data a client has not read yet
+            // holds window: a small one per stream and a large one for the connection,
+            // so that it takes 64 stalled downloads, not three, to stall an instance's
+            // connection (hyper's defaults are 2 MiB and 5 MiB).
             builder
                 .http2_only(true)
                 .timer(TokioTimer::new())
                 .http2_keep_alive_interval(Duration::from_secs(30))
-                .http2_keep_alive_timeout(Duration::from_secs(10));
+                .http2_keep_alive_timeout(Duration::from_secs(10))
+                .http2_keep_alive_while_idle(true)
+                .http2_initial_stream_window_size(256 * 1024)
+                .http2_initial_connection_window_size(16 * 1024 * 1024);
         }
         builder.build(connector)
     }

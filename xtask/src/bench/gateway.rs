@@ -52,7 +52,7 @@ pub fn run(options: &Options) -> Result<()> {
         "upstream",
         &format!(
             "server {{ listen 127.0.0.1:{upstream_port} backlog=65535; listen 127.0.0.1:{upstream_h2c_port} http2 backlog=65535;\n\
-             keepalive_requests 10000000; http2_max_requests 10000000;\n\
+             keepalive_requests 10000000; keepalive_timeout 1h;\n\
              location / {{ default_type text/plain; return 200 \"{BODY}\"; }} }}"
         ),
     )?;

@@ -91,6 +91,18 @@ async fn killed_instance(protocol: &str) {
         0,
         "failed GETs ({total} succeeded)"
     );
+    if protocol == "h2c" {
+        // Four clients at once, yet one connection from the gateway (and this scrape's).
+        for survivor in &instances {
+            let metrics = get(&stack.client, survivor, "/metrics", None).await;
+            let page = String::from_utf8_lossy(&metrics.body).into_owned();
+            assert_eq!(
+                metric(&page, "concierge_http_connections_open"),
+                Some(2.0),
+                "{page}"
+            );
+        }
+    }
     assert!(
         total > before_kill + 100,
         "the client kept going after the kill: {before_kill} → {total}"

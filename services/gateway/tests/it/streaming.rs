@@ -164,7 +164,7 @@ async fn an_upgraded_connection_survives_route_changes() {
 }
 
 /// A route that speaks h2c to its instances multiplexes its requests on one connection,
-/// streams a large answer through it, and still upgrades over HTTP/1.1.
+/// streams large bodies both ways through it, and still upgrades over HTTP/1.1.
 #[tokio::test]
 async fn an_h2c_route_shares_one_connection_and_still_upgrades() {
     let dir = testkit::TempDir::new("gateway-h2c").unwrap();
@@ -216,6 +216,16 @@ async fn an_h2c_route_shares_one_connection_and_still_upgrades() {
     let download = stack.get(&format!("/fast/bytes/{TEN_MIB}")).await;
     assert_eq!(download.status, 200);
     assert_eq!(download.body.len(), TEN_MIB);
+    let client: Client<_, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let upload = http::Request::post(stack.gateway.url("/fast/upload"))
+        .body(Full::new(Bytes::from(vec![7u8; TEN_MIB])))
+        .unwrap();
+    let answer = client.request(upload).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let body = answer.into_body().collect().await.unwrap().to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["received"], TEN_MIB);
     assert_eq!(
         fast.connections.load(std::sync::atomic::Ordering::Relaxed),
         1,
