@@ -62,7 +62,7 @@ impl GatewayMetrics {
             )?,
             retries: counter(
                 "concierge_gateway_retries_total",
-                "Requests retried on another instance, by service and reason (connect, reset, status_503).",
+                "Requests retried on another instance, by service and reason (connect, refused, reset, status_503).",
                 &["service", "reason"],
             )?,
             budget_exhausted: counter(

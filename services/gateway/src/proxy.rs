@@ -335,10 +335,17 @@ pub async fn forward(
                         cause,
                     }
                 };
-                // A connect error never reached the instance; a reset may have, so only
-                // an idempotent request goes again.
-                let may_retry = replayable && (failure.retryable() || idempotent);
-                let reason = if connect { "connect" } else { "reset" };
+                // A connect error or a refused stream never reached the instance's
+                // application; a reset may have, so only an idempotent request goes again.
+                let refused = !connect && never_processed(&error);
+                let may_retry = replayable && (failure.retryable() || refused || idempotent);
+                let reason = if connect {
+                    "connect"
+                } else if refused {
+                    "refused"
+                } else {
+                    "reset"
+                };
                 if !(may_retry && retry(cx, pool, &tried, reason)) {
                     return Err(failure);
                 }
@@ -602,6 +609,24 @@ fn caused_by_body_limit(error: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// An error and its causes on one line, for the log.
+/// Whether an h2c instance said it did not process the request (RFC 9113 §8.7): it
+/// refused the stream, or shut down gracefully before reaching it. A GOAWAY with an error
+/// code is left out: the h2 crate may report it on streams the instance had processed.
+fn never_processed(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(cause) = current {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            return match h2.reason() {
+                Some(h2::Reason::REFUSED_STREAM) => true,
+                Some(h2::Reason::NO_ERROR) => h2.is_go_away() && h2.is_remote(),
+                _ => false,
+            };
+        }
+        current = cause.source();
+    }
+    false
+}
+
 fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut current = error.source();

@@ -178,3 +178,63 @@ async fn a_circuit_opens_half_opens_and_closes_with_its_metric() {
         );
     }
 }
+
+/// An h2c instance that refuses every stream (RST_STREAM REFUSED_STREAM), as one shedding
+/// load or shutting down does: nothing it refused was processed.
+async fn refusing_h2c_instance() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A refused stream never reached the application, so even a POST goes to another instance.
+#[tokio::test]
+async fn a_refused_h2c_stream_is_retried_elsewhere_whatever_the_method() {
+    let stack = Stack::start(&[("UPSTREAM_PROTOCOL", "h2c")]).await;
+    let good = Upstream::start("good").await;
+    stack
+        .register(
+            "jobs",
+            "j-refusing",
+            refusing_h2c_instance().await,
+            json!({}),
+        )
+        .await;
+    stack.register("jobs", "j-good", good.port, json!({})).await;
+    stack.wait_for("/jobs/x", 200).await;
+
+    for _ in 0..6 {
+        let request = http::Request::post(stack.gateway.url("/jobs/run"))
+            .body(bytes::Bytes::new())
+            .unwrap();
+        let answer = stack.client.send(request).await.unwrap();
+        assert_eq!(answer.status, 200, "{:?}", answer.json());
+        assert_eq!(answer.json()["instance"], "good");
+        assert_eq!(answer.json()["method"], "POST");
+    }
+    let metrics = get(&stack.client, &stack.gateway, "/metrics", None).await;
+    let page = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(
+        metric(
+            &page,
+            r#"concierge_gateway_retries_total{reason="refused",service="jobs"}"#
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{page}"
+    );
+}
