@@ -156,6 +156,7 @@ pub async fn proxy_request(
             headers,
             body,
             upgrade: None,
+            accepts_trailers: false,
         },
     ))
 }

@@ -351,6 +351,7 @@ fn outgoing(
         return Err(GatewayError::BodyTooLarge(limit));
     }
     let upgrade = proxy::wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let accepts_trailers = proxy::accepts_trailers(req.headers());
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
     let host = req.headers().get(header::HOST).cloned().or_else(|| {
         req.uri()
@@ -376,6 +377,7 @@ fn outgoing(
         headers: parts.headers,
         body,
         upgrade,
+        accepts_trailers,
     })
 }
 

@@ -136,6 +136,8 @@ pub struct Outgoing {
     pub headers: HeaderMap,
     pub body: RequestBody,
     pub upgrade: Option<OnUpgrade>,
+    /// The client said `TE: trailers`, which HTTP/2 carries end to end (gRPC needs it).
+    pub accepts_trailers: bool,
 }
 
 /// Which instance answered.
@@ -429,6 +431,12 @@ fn upstream_request(
         // (the pool connects by it); a `Host` that differs is malformed (RFC 9113 §8.3.1),
         // and nginx answers it with a 400. The client's host travels in X-Forwarded-Host.
         request.headers_mut().remove(header::HOST);
+        // The one TE value HTTP/2 allows (RFC 9113 §8.2.2); stripped above as hop-by-hop.
+        if outgoing.accepts_trailers {
+            request
+                .headers_mut()
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
     Ok(request)
 }
@@ -444,6 +452,19 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
+
+/// Whether the client accepts trailers (`TE: trailers`, perhaps among other codings).
+pub fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let name = coding.split(';').next().unwrap_or_default();
+            name.trim().eq_ignore_ascii_case("trailers")
+        })
+}
 
 /// Whether the request asks to switch protocols (a WebSocket, say).
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
@@ -641,6 +662,23 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn te_trailers_is_found_among_other_codings() {
+        let with = |values: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(header::TE, HeaderValue::from_static(value));
+            }
+            accepts_trailers(&headers)
+        };
+        assert!(with(&["trailers"]));
+        assert!(with(&["gzip;q=0.5, Trailers"]));
+        assert!(with(&["gzip", "trailers;q=1"]));
+        assert!(!with(&["gzip, deflate"]));
+        assert!(!with(&["trailersx"]));
+        assert!(!with(&[]));
+    }
 
     #[test]
     fn hop_by_hop_and_forged_headers_are_removed() {

@@ -120,6 +120,51 @@ async fn read_until(stream: &mut tokio::net::TcpStream, needle: &[u8]) -> Vec<u8
     seen
 }
 
+/// gRPC's needs of a proxy: HTTP/2 on both sides, `TE: trailers` passed on, and the
+/// response's trailers passed back.
+#[tokio::test]
+async fn trailers_and_te_trailers_pass_through_an_h2c_route() {
+    let dir = testkit::TempDir::new("gateway-trailers").unwrap();
+    let routes = dir.path().join("routes.json");
+    std::fs::write(
+        &routes,
+        json!({"routes": [{"prefix": "/grpc", "upstream_protocol": "h2c"}]}).to_string(),
+    )
+    .unwrap();
+    let stack = Stack::start(&[("ROUTES_FILE", routes.to_str().unwrap())]).await;
+    let upstream = Upstream::start("grpc").await;
+    stack
+        .register("grpc", "g-1", upstream.port, json!({}))
+        .await;
+    stack
+        .register("plain", "p-1", upstream.port, json!({}))
+        .await;
+    stack.wait_for("/grpc/x", 200).await;
+    stack.wait_for("/plain/x", 200).await;
+
+    let h2_client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let call = |path: &str| {
+        http::Request::post(stack.gateway.url(path))
+            .header("te", "trailers")
+            .header("content-type", "application/grpc")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap()
+    };
+    let answer = h2_client.request(call("/grpc/trailers")).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["x-saw-te"], "trailers");
+    let body = answer.into_body().collect().await.unwrap();
+    let trailers = body.trailers().cloned().expect("the trailers came back");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(body.to_bytes(), "ok");
+
+    // TE is hop-by-hop for HTTP/1.1, so it stops at the gateway there.
+    let answer = h2_client.request(call("/plain/trailers")).await.unwrap();
+    assert_eq!(answer.headers()["x-saw-te"], "-");
+}
+
 /// A WebSocket handshake through the gateway; the socket once it has switched protocols.
 async fn open_websocket(stack: &Stack, path: &str) -> tokio::net::TcpStream {
     let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)

@@ -216,6 +216,8 @@ impl Upstream {
     /// - `/status/N`: an empty answer with status N;
     /// - `/flaky`: 500 while `failing` is set, else 200;
     /// - `/ws`: a protocol upgrade, then echoes every byte;
+    /// - `/trailers`: `ok`, then the trailer `grpc-status: 0`, with the request's `TE` in
+    ///   the header `x-saw-te` (`-` for none), as a gRPC server answers;
     /// - anything else: `{"instance", "method", "path", "version", "headers"}` as JSON.
     ///
     /// It speaks HTTP/1.1 and, by prior knowledge, HTTP/2.
@@ -284,6 +286,24 @@ impl Upstream {
                 StatusCode::OK
             };
             return json_answer(status, json!({ "instance": self.name }));
+        }
+        if path == "/trailers" {
+            let saw_te = req
+                .headers()
+                .get("te")
+                .map_or_else(|| "-".to_owned(), |v| v.to_str().unwrap().to_owned());
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", "0".parse().unwrap());
+            let frames = [
+                Ok::<_, common::hyper_server::BoxError>(Frame::data(Bytes::from_static(b"ok"))),
+                Ok(Frame::trailers(trailers)),
+            ];
+            let body = StreamBody::new(futures_util::stream::iter(frames));
+            let mut response = Response::new(BodyExt::boxed(body));
+            response
+                .headers_mut()
+                .insert("x-saw-te", saw_te.parse().unwrap());
+            return response;
         }
         if path == "/ws" {
             let upgrade = hyper::upgrade::on(&mut req);
