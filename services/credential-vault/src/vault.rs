@@ -259,6 +259,8 @@ impl Vault {
         let counts = self.read(store::versions_per_master_key).await?;
         let gauge = &self.metrics.master_key_sealed_versions;
         gauge.reset();
+        // The key in use has a series from the start, at 0 until it seals something.
+        gauge.with_label_values(&[self.keyring.current_id()]).set(0);
         for (master_key_id, versions) in counts {
             gauge.with_label_values(&[&master_key_id]).set(versions);
         }

@@ -139,6 +139,18 @@ both_backends!(metrics_and_audit_filters, |backend| async move {
     let fixture = Fixture::new(backend);
     let vault = fixture.start().await;
     let admin = fixture.admin().to_owned();
+    // Before anything is sealed, the current master key is counted at 0 (a series for
+    // dashboards and alerts from the start).
+    let metrics = vault.get("/metrics", &admin).await;
+    let text = std::str::from_utf8(&metrics.body).unwrap();
+    let zero: Vec<&str> = text
+        .lines()
+        .filter(|line| line.starts_with("concierge_vault_master_key_sealed_versions{"))
+        .collect();
+    assert!(
+        zero.len() == 1 && zero[0].ends_with(" 0"),
+        "sealed versions before any credential: {zero:?}"
+    );
     let (_, payments) = vault.issue(&admin, "payments").await;
     let id = vault
         .create(
