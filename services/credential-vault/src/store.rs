@@ -393,7 +393,6 @@ pub fn reseal_key(
     Ok(())
 }
 
-/// Version rows still sealed under a key other than `master_key_id`, `limit` at a time.
 /// How many credential versions each master key has sealed a data key for, as the
 /// database holds them: every replica's and every restart's encryptions, destroyed
 /// versions included (their rows stay).
@@ -407,6 +406,7 @@ pub fn versions_per_master_key(conn: &mut DbConnection) -> Result<Vec<(String, i
         .load(conn)?)
 }
 
+/// Version rows still sealed under a key other than `master_key_id`, `limit` at a time.
 pub fn versions_not_under(
     conn: &mut DbConnection,
     master_key_id: &str,

@@ -480,13 +480,13 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers, and those the `Connection` header names. With `upgrade`,
 /// `Connection: upgrade` and `Upgrade` stay: they are the point of the request.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // One pass over the few names present, rather than a lookup for each of the nine.
-    let present: Vec<HeaderName> = headers
+    // Most requests carry none: one pass over the few names present says so, rather
+    // than a lookup for each of the nine. `Connection` is among them, so a header it
+    // names is never missed.
+    if !headers
         .keys()
-        .filter(|name| *name == header::UPGRADE || HOP_BY_HOP.contains(name))
-        .cloned()
-        .collect();
-    if present.is_empty() {
+        .any(|name| *name == header::UPGRADE || HOP_BY_HOP.contains(name))
+    {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -497,9 +497,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
     let upgrade_value = headers.get(header::UPGRADE).cloned();
-    for name in named.iter().chain(&present) {
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
+    headers.remove(header::UPGRADE);
     if upgrade && let Some(value) = upgrade_value {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, value);
@@ -619,35 +620,35 @@ impl http_body::Body for Tracked {
 
 /// Whether the request failed because the client's body went over the limit.
 fn caused_by_body_limit(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(error);
-    while let Some(error) = current {
-        if error.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        current = error.source();
-    }
-    false
+    cause::<http_body_util::LengthLimitError>(error).is_some()
 }
 
-/// An error and its causes on one line, for the log.
 /// Whether an h2c instance said it did not process the request (RFC 9113 §8.7): it
 /// refused the stream, or shut down gracefully before reaching it. A GOAWAY with an error
 /// code is left out: the h2 crate may report it on streams the instance had processed.
 fn never_processed(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(error);
-    while let Some(cause) = current {
-        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-            return match h2.reason() {
-                Some(h2::Reason::REFUSED_STREAM) => true,
-                Some(h2::Reason::NO_ERROR) => h2.is_go_away() && h2.is_remote(),
-                _ => false,
-            };
-        }
-        current = cause.source();
-    }
-    false
+    cause::<h2::Error>(error).is_some_and(|h2| match h2.reason() {
+        Some(h2::Reason::REFUSED_STREAM) => true,
+        Some(h2::Reason::NO_ERROR) => h2.is_go_away() && h2.is_remote(),
+        _ => false,
+    })
 }
 
+/// The first error of type `T` in `error`'s chain of causes, `error` included.
+fn cause<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(found) = error.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = error.source();
+    }
+    None
+}
+
+/// An error and its causes on one line, for the log.
 fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut current = error.source();

@@ -5,18 +5,16 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{Stack, Upstream};
+use crate::support::{Stack, Upstream, routes_file};
 
 #[tokio::test]
 async fn hop_by_hop_headers_go_forged_identity_goes_request_ids_stay() {
     let dir = testkit::TempDir::new("gateway-routes").unwrap();
-    let routes = dir.path().join("routes.json");
-    std::fs::write(
-        &routes,
-        r#"{"routes": [{"prefix": "/private", "require_token": true}]}"#,
-    )
-    .unwrap();
-    let stack = Stack::start(&[("ROUTES_FILE", routes.to_str().unwrap())]).await;
+    let routes = routes_file(
+        &dir,
+        json!({"routes": [{"prefix": "/private", "require_token": true}]}),
+    );
+    let stack = Stack::start(&[("ROUTES_FILE", &routes)]).await;
     let echo = Upstream::start("echo").await;
     stack.register("echo", "e-1", echo.port, json!({})).await;
     stack.register("private", "p-1", echo.port, json!({})).await;

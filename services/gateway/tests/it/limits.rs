@@ -9,13 +9,7 @@ use common::client::ClientResponse;
 use common::testing::ServiceProcess;
 use serde_json::json;
 
-use crate::support::{Stack, Upstream, get, metric};
-
-fn routes_file(dir: &testkit::TempDir, json: serde_json::Value) -> String {
-    let path = dir.path().join("routes.json");
-    std::fs::write(&path, json.to_string()).unwrap();
-    path.to_str().unwrap().to_owned()
-}
+use crate::support::{Stack, Upstream, get, metric, routes_file};
 
 /// `count` GETs of `path` at once, spread over `gateways`; the answers.
 async fn burst(

@@ -10,7 +10,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{Stack, Upstream};
+use crate::support::{Stack, Upstream, routes_file};
 
 const TEN_MIB: usize = 10 * 1024 * 1024;
 
@@ -125,13 +125,11 @@ async fn read_until(stream: &mut tokio::net::TcpStream, needle: &[u8]) -> Vec<u8
 #[tokio::test]
 async fn trailers_and_te_trailers_pass_through_an_h2c_route() {
     let dir = testkit::TempDir::new("gateway-trailers").unwrap();
-    let routes = dir.path().join("routes.json");
-    std::fs::write(
-        &routes,
-        json!({"routes": [{"prefix": "/grpc", "upstream_protocol": "h2c"}]}).to_string(),
-    )
-    .unwrap();
-    let stack = Stack::start(&[("ROUTES_FILE", routes.to_str().unwrap())]).await;
+    let routes = routes_file(
+        &dir,
+        json!({"routes": [{"prefix": "/grpc", "upstream_protocol": "h2c"}]}),
+    );
+    let stack = Stack::start(&[("ROUTES_FILE", &routes)]).await;
     let upstream = Upstream::start("grpc").await;
     stack
         .register("grpc", "g-1", upstream.port, json!({}))
@@ -213,17 +211,11 @@ async fn an_upgraded_connection_survives_route_changes() {
 #[tokio::test]
 async fn an_h2c_route_shares_one_connection_and_still_upgrades() {
     let dir = testkit::TempDir::new("gateway-h2c").unwrap();
-    let routes = dir.path().join("routes.json");
-    std::fs::write(
-        &routes,
-        json!({"routes": [{"prefix": "/fast", "upstream_protocol": "h2c"}]}).to_string(),
-    )
-    .unwrap();
-    let stack = Stack::start(&[
-        ("ROUTES_FILE", routes.to_str().unwrap()),
-        ("MAX_BODY_BYTES", "16777216"),
-    ])
-    .await;
+    let routes = routes_file(
+        &dir,
+        json!({"routes": [{"prefix": "/fast", "upstream_protocol": "h2c"}]}),
+    );
+    let stack = Stack::start(&[("ROUTES_FILE", &routes), ("MAX_BODY_BYTES", "16777216")]).await;
     let fast = Upstream::start("fast").await;
     let slow = Upstream::start("slow").await;
     stack.register("fast", "f-1", fast.port, json!({})).await;

@@ -360,6 +360,13 @@ fn json_answer(status: StatusCode, body: Value) -> Response<common::hyper_server
     response
 }
 
+/// Writes a routes file into `dir`; its path, for `ROUTES_FILE`.
+pub fn routes_file(dir: &testkit::TempDir, json: Value) -> String {
+    let path = dir.path().join("routes.json");
+    std::fs::write(&path, json.to_string()).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
 /// A metric's value in a Prometheus text page (the first series whose line starts so).
 pub fn metric(page: &str, series: &str) -> Option<f64> {
     page.lines()
