@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{Stack, Upstream, routes_file};
+use crate::support::{Stack, Upstream, get, metric, routes_file, wait_for};
 
 #[tokio::test]
 async fn hop_by_hop_headers_go_forged_identity_goes_request_ids_stay() {
@@ -343,4 +343,83 @@ async fn the_openapi_document_describes_served_operations() {
         6,
     )
     .await;
+}
+
+/// The access log's line for the request with `id`, once the gateway has written it.
+async fn access_line(gateway: &common::testing::ServiceProcess, id: &str) -> Option<Value> {
+    for _ in 0..50 {
+        let line = gateway
+            .output()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .find(|line| line["target"] == "access" && line["request_id"] == id);
+        if line.is_some() {
+            return line;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+#[tokio::test]
+async fn every_request_gets_one_access_line_and_its_metrics() {
+    let stack = Stack::start(&[]).await;
+    let echo = Upstream::start("echo").await;
+    stack.register("echo", "e-1", echo.port, json!({})).await;
+    stack.wait_for("/echo/x", 200).await;
+
+    let request = http::Request::get(stack.gateway.url("/echo/thing?secret=s3cret"))
+        .header("x-request-id", "access-line-1")
+        .body(bytes::Bytes::new())
+        .unwrap();
+    let answer = stack.client.send(request).await.unwrap();
+    assert_eq!(answer.status, 200);
+    let line = access_line(&stack.gateway, "access-line-1")
+        .await
+        .unwrap_or_else(|| panic!("no access line:\n{}", stack.gateway.output()));
+    assert_eq!(line["method"], "GET", "{line}");
+    assert_eq!(line["path"], "/echo/thing", "the query stays out: {line}");
+    assert_eq!(line["route"], "/echo", "{line}");
+    assert_eq!(line["instance"], "e-1", "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["bytes"], answer.body.len(), "{line}");
+    assert_eq!(line["completed"], true, "{line}");
+    assert!(
+        line["duration_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+        "{line}"
+    );
+    let lines = stack.gateway.output();
+    assert_eq!(lines.matches("\"access-line-1\"").count(), 1, "{lines}");
+    assert!(!lines.contains("s3cret"));
+
+    let metrics = get(&stack.client, &stack.gateway, "/metrics", None).await;
+    let page = String::from_utf8_lossy(&metrics.body).into_owned();
+    for series in [
+        r#"concierge_http_requests_total{method="GET",route="/echo",status="200"}"#,
+        r#"concierge_http_request_duration_seconds_count{method="GET",route="/echo",status_class="2xx"}"#,
+        r#"concierge_gateway_upstream_duration_seconds_count{service="echo"}"#,
+        r#"concierge_gateway_upstream_attempts_total{outcome="ok",service="echo"}"#,
+    ] {
+        assert!(
+            metric(&page, series).is_some_and(|n| n >= 1.0),
+            "{series}:\n{page}"
+        );
+    }
+
+    // Sampled out, a success leaves no line; an error always does.
+    let sampled = stack.spawn_gateway(&[("ACCESS_LOG_SAMPLE", "0")]).await;
+    wait_for(&stack.client, &sampled, "/echo/x", 200).await;
+    for (path, id) in [
+        ("/echo/quiet", "sampled-out"),
+        ("/nowhere", "always-logged"),
+    ] {
+        let request = http::Request::get(sampled.url(path))
+            .header("x-request-id", id)
+            .body(bytes::Bytes::new())
+            .unwrap();
+        stack.client.send(request).await.unwrap();
+    }
+    let error = access_line(&sampled, "always-logged").await;
+    assert_eq!(error.map(|line| line["status"].clone()), Some(json!(404)));
+    assert!(!sampled.output().contains("\"sampled-out\""));
 }
