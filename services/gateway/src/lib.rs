@@ -101,9 +101,9 @@ pub async fn run(
         }
         _ => None,
     };
-    let upstream_kinds = std::iter::once(&config.defaults)
+    let connect_timeouts = std::iter::once(&config.defaults)
         .chain(config.policies.iter().map(|(_, policy)| policy))
-        .map(|policy| (policy.connect_timeout, policy.protocol));
+        .map(|policy| policy.connect_timeout);
 
     let shared_for_ready: Arc<std::sync::OnceLock<Arc<Shared>>> = Arc::default();
     let mut readiness = publisher.add_readiness_check(Readiness::new());
@@ -127,7 +127,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         table: ArcSwap::from_pointee(Table::default()),
         statics,
-        upstreams: Upstreams::new(upstream_kinds),
+        upstreams: Upstreams::new(connect_timeouts),
         limiter: Limiter::new(shared_limits),
         auth,
         metrics: GatewayMetrics::new(&registry)?,

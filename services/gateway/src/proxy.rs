@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::hyper_server::{Body, BoxError};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Frame;
 use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -38,64 +40,221 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// Attempts per request at most (the first and two retries), budget permitting.
 const MAX_ATTEMPTS: usize = 3;
 
-/// Pooled keep-alive clients to the instances, one per connect timeout and protocol in
-/// use. Every connect timeout has an HTTP/1.1 client, which upgrades need.
+/// The connections to the instances: pooled keep-alive HTTP/1.1 clients, one per connect
+/// timeout in use, and for h2c routes the settings of the one HTTP/2 connection each
+/// instance gets (`SharedConnection`, kept in the instance's live state).
 #[derive(Debug)]
 pub struct Upstreams {
     /// A handful at most, so a scan beats hashing the key on every request.
-    clients: Vec<((Duration, UpstreamProtocol), Client<HttpConnector, Body>)>,
+    clients: Vec<(Duration, Client<HttpConnector, Body>)>,
+    http2: http2::Builder<TokioExecutor>,
 }
 
 impl Upstreams {
-    pub fn new(routes: impl IntoIterator<Item = (Duration, UpstreamProtocol)>) -> Self {
+    pub fn new(connect_timeouts: impl IntoIterator<Item = Duration>) -> Self {
         let mut clients = Vec::new();
-        for (timeout, protocol) in routes {
-            for protocol in [UpstreamProtocol::Http1, protocol] {
-                if !clients.iter().any(|(key, _)| *key == (timeout, protocol)) {
-                    clients.push(((timeout, protocol), Self::client_for(timeout, protocol)));
-                }
+        for timeout in connect_timeouts {
+            if !clients.iter().any(|(known, _)| *known == timeout) {
+                clients.push((timeout, Self::client_for(timeout)));
             }
         }
-        Self { clients }
+        // Pings find a dead connection, also while no request is waiting on it. Data a
+        // client has not read yet holds window: a small one per stream and a large one
+        // for the connection, so that it takes 64 stalled downloads, not three, to stall
+        // an instance's connection (hyper's defaults are 2 MiB and 5 MiB).
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(256 * 1024)
+            .initial_connection_window_size(16 * 1024 * 1024);
+        Self { clients, http2 }
     }
 
-    fn client_for(timeout: Duration, protocol: UpstreamProtocol) -> Client<HttpConnector, Body> {
+    fn client_for(timeout: Duration) -> Client<HttpConnector, Body> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeout));
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
+        Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024);
-        if protocol == UpstreamProtocol::H2c {
-            // One connection per instance carries all its requests; pings find a dead
-            // one, also while no request is waiting on it. Data a client has not read yet
-            // holds window: a small one per stream and a large one for the connection,
-            // so that it takes 64 stalled downloads, not three, to stall an instance's
-            // connection (hyper's defaults are 2 MiB and 5 MiB).
-            builder
-                .http2_only(true)
-                .timer(TokioTimer::new())
-                .http2_keep_alive_interval(Duration::from_secs(30))
-                .http2_keep_alive_timeout(Duration::from_secs(10))
-                .http2_keep_alive_while_idle(true)
-                .http2_initial_stream_window_size(256 * 1024)
-                .http2_initial_connection_window_size(16 * 1024 * 1024);
-        }
-        builder.build(connector)
+            .pool_max_idle_per_host(1024)
+            .build(connector)
     }
 
-    fn client(
+    /// How a route's requests reach its instances.
+    fn connector(
         &self,
         connect_timeout: Duration,
         protocol: UpstreamProtocol,
-    ) -> Option<&Client<HttpConnector, Body>> {
+    ) -> Result<Connector<'_>, GatewayError> {
+        if protocol == UpstreamProtocol::H2c {
+            return Ok(Connector::Shared {
+                builder: &self.http2,
+                connect_timeout,
+            });
+        }
         self.clients
             .iter()
-            .find(|(key, _)| *key == (connect_timeout, protocol))
-            .map(|(_, client)| client)
+            .find(|(timeout, _)| *timeout == connect_timeout)
+            .map(|(_, client)| Connector::Pooled(client))
+            .ok_or_else(|| GatewayError::Internal("no client for the route's upstreams".into()))
     }
+}
+
+/// How a route's requests reach its instances.
+#[derive(Debug, Clone, Copy)]
+enum Connector<'a> {
+    /// HTTP/1.1 from a pool of keep-alive connections.
+    Pooled(&'a Client<HttpConnector, Body>),
+    /// HTTP/2 over the instance's one shared connection.
+    Shared {
+        builder: &'a http2::Builder<TokioExecutor>,
+        connect_timeout: Duration,
+    },
+}
+
+impl Connector<'_> {
+    /// Sends `request` to `endpoint` and waits for the response's head.
+    async fn send(
+        self,
+        endpoint: &Endpoint,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let (builder, connect_timeout) = match self {
+            Self::Pooled(client) => {
+                return client.request(request).await.map_err(|error| {
+                    if error.is_connect() {
+                        SendError::Connect(error.into())
+                    } else {
+                        SendError::Failed(error.into())
+                    }
+                });
+            }
+            Self::Shared {
+                builder,
+                connect_timeout,
+            } => (builder, connect_timeout),
+        };
+        let shared = &endpoint.live.h2c;
+        let connect = || shared.sender(&endpoint.authority, connect_timeout, builder);
+        match connect().await?.try_send_request(request).await {
+            Ok(response) => Ok(response),
+            Err(mut error) => match error.take_message() {
+                // The connection closed before the request left: a new one takes it.
+                Some(request) => connect()
+                    .await?
+                    .send_request(request)
+                    .await
+                    .map_err(|error| SendError::Failed(error.into())),
+                None => Err(SendError::Failed(error.into_error().into())),
+            },
+        }
+    }
+}
+
+/// Why an instance gave no response.
+#[derive(Debug)]
+enum SendError {
+    /// No connection could be made: the request never left.
+    Connect(BoxError),
+    Failed(BoxError),
+}
+
+impl SendError {
+    fn is_connect(&self) -> bool {
+        matches!(self, Self::Connect(_))
+    }
+
+    fn error(&self) -> &(dyn std::error::Error + 'static) {
+        match self {
+            Self::Connect(error) | Self::Failed(error) => &**error,
+        }
+    }
+}
+
+/// The one HTTP/2 connection an h2c instance's requests share, made when first needed
+/// and again once it has closed or the instance has moved to another address.
+#[derive(Debug, Default)]
+pub struct SharedConnection {
+    current: std::sync::Mutex<Option<(Authority, http2::SendRequest<Body>)>>,
+    /// Held while connecting, so that the requests that find no connection wait for the
+    /// one under way rather than each opening its own.
+    connecting: tokio::sync::Mutex<()>,
+    /// When the last attempt failed and why: the requests that waited for it fail too,
+    /// rather than each trying again in turn.
+    failed: std::sync::Mutex<Option<(Instant, String)>>,
+}
+
+impl SharedConnection {
+    async fn sender(
+        &self,
+        authority: &Authority,
+        connect_timeout: Duration,
+        builder: &http2::Builder<TokioExecutor>,
+    ) -> Result<http2::SendRequest<Body>, SendError> {
+        if let Some(sender) = self.ready(authority) {
+            return Ok(sender);
+        }
+        let waited_from = Instant::now();
+        let _connecting = self.connecting.lock().await;
+        if let Some(sender) = self.ready(authority) {
+            return Ok(sender);
+        }
+        if let Some((at, why)) = &*lock(&self.failed)
+            && *at >= waited_from
+        {
+            return Err(SendError::Connect(why.clone().into()));
+        }
+        match connect_h2c(authority, connect_timeout, builder).await {
+            Ok(sender) => {
+                *lock(&self.current) = Some((authority.clone(), sender.clone()));
+                Ok(sender)
+            }
+            Err(error) => {
+                *lock(&self.failed) = Some((Instant::now(), chain(&*error)));
+                Err(SendError::Connect(error))
+            }
+        }
+    }
+
+    /// The connection to `authority`, if there is one that takes requests.
+    fn ready(&self, authority: &Authority) -> Option<http2::SendRequest<Body>> {
+        lock(&self.current)
+            .as_ref()
+            .filter(|(to, sender)| to == authority && sender.is_ready())
+            .map(|(_, sender)| sender.clone())
+    }
+}
+
+/// Connects to `authority` and starts HTTP/2 on the connection, within `timeout`.
+async fn connect_h2c(
+    authority: &Authority,
+    timeout: Duration,
+    builder: &http2::Builder<TokioExecutor>,
+) -> Result<http2::SendRequest<Body>, BoxError> {
+    let connecting = async {
+        let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) = builder.handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "an h2c connection to an instance ended");
+            }
+        });
+        Ok::<_, BoxError>(sender)
+    };
+    tokio::time::timeout(timeout, connecting)
+        .await
+        .unwrap_or_else(|_| Err(format!("no connection within {timeout:?}").into()))
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A request body, and whether it can be sent again to another instance.
@@ -207,10 +366,7 @@ pub async fn forward(
     } else {
         policy.protocol
     };
-    let client = cx
-        .upstreams
-        .client(policy.connect_timeout, protocol)
-        .ok_or_else(|| GatewayError::Internal("no client for the route's upstreams".into()))?;
+    let connector = cx.upstreams.connector(policy.connect_timeout, protocol)?;
     let replayable = outgoing.body.replayable() && outgoing.upgrade.is_none();
     let idempotent = is_idempotent(&outgoing.method);
     pool.budget.deposit();
@@ -253,7 +409,7 @@ pub async fn forward(
         let answer = tokio::time::timeout(policy.timeout, async {
             let slot = endpoint.live.slots.clone().acquire_owned().await.ok()?;
             let guard = InFlight::start(&endpoint.live, slot);
-            Some((client.request(request).await, guard))
+            Some((connector.send(endpoint, request).await, guard))
         })
         .await;
         let elapsed = started.elapsed();
@@ -305,10 +461,11 @@ pub async fn forward(
                 }
             }
             Ok((Err(error), _guard)) => {
-                if caused_by_body_limit(&error) {
+                let connect = error.is_connect();
+                let error = error.error();
+                if caused_by_body_limit(error) {
                     return Err(GatewayError::BodyTooLarge(cx.body_limit));
                 }
-                let connect = error.is_connect();
                 let outcome = if connect {
                     Outcome::ConnectFailure
                 } else {
@@ -323,7 +480,7 @@ pub async fn forward(
                     },
                     elapsed,
                 );
-                let cause = chain(&error);
+                let cause = chain(error);
                 let failure = if connect {
                     GatewayError::Connect {
                         service: service.to_owned(),
@@ -339,7 +496,7 @@ pub async fn forward(
                 };
                 // A connect error or a refused stream never reached the instance's
                 // application; a reset may have, so only an idempotent request goes again.
-                let refused = !connect && never_processed(&error);
+                let refused = !connect && never_processed(error);
                 let may_retry = replayable && (failure.retryable() || refused || idempotent);
                 let reason = if connect {
                     "connect"
@@ -542,7 +699,7 @@ pub fn upstream_headers(
 }
 
 /// The instance's response for the client: hop-by-hop headers out, body streamed.
-fn downstream(response: Response<hyper::body::Incoming>, upgrade: bool) -> Response<Body> {
+fn downstream(response: Response<Incoming>, upgrade: bool) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if parts.version == Version::HTTP_2 {

@@ -71,6 +71,8 @@ pub struct Live {
     /// One permit per connection the instance may be sent at once.
     pub slots: Arc<tokio::sync::Semaphore>,
     breaker: Mutex<Breaker>,
+    /// The connection its h2c routes share.
+    pub h2c: crate::proxy::SharedConnection,
 }
 
 impl Live {
@@ -81,6 +83,7 @@ impl Live {
             failures: AtomicU64::new(0),
             slots: Arc::new(tokio::sync::Semaphore::new(settings.max_connections)),
             breaker: Mutex::new(Breaker::new(settings.breaker.clone(), Instant::now())),
+            h2c: crate::proxy::SharedConnection::default(),
         }
     }
 

@@ -238,3 +238,62 @@ async fn a_refused_h2c_stream_is_retried_elsewhere_whatever_the_method() {
         "{page}"
     );
 }
+
+/// A port whose connection attempts hang until they time out, as to a host gone dark:
+/// its listener's queue is full and it never accepts. Keep what it returns alive.
+async fn dark_port() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut queued = Vec::new();
+    loop {
+        let attempt = tokio::net::TcpStream::connect(("127.0.0.1", port));
+        match tokio::time::timeout(Duration::from_millis(300), attempt).await {
+            Ok(Ok(stream)) => queued.push(stream),
+            Ok(Err(error)) => panic!("the dark port refused a connection: {error}"),
+            Err(_) => return (listener, queued, port),
+        }
+        assert!(queued.len() < 64, "the listener's queue never filled");
+    }
+}
+
+/// The requests that wait for a connection being made to an h2c instance fail with it and
+/// go elsewhere, rather than each trying again, one connect timeout after another.
+#[tokio::test]
+async fn requests_waiting_on_a_dark_h2c_instance_fail_over_together() {
+    let dir = testkit::TempDir::new("gateway-dark").unwrap();
+    let routes = crate::support::routes_file(
+        &dir,
+        json!({"routes": [{"prefix": "/reports", "upstream_protocol": "h2c",
+                           "connect_timeout": "1s", "timeout": "3s"}]}),
+    );
+    let stack = Stack::start(&[("ROUTES_FILE", &routes)]).await;
+    let (_listener, _queued, dark) = dark_port().await;
+    let good = Upstream::start("good").await;
+    stack.register("reports", "r-dark", dark, json!({})).await;
+    stack
+        .register("reports", "r-good", good.port, json!({}))
+        .await;
+    let started = std::time::Instant::now();
+    while !stack.status().await.to_string().contains("\"r-good\"") {
+        assert!(started.elapsed() < Duration::from_secs(10), "never routed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Round robin sends half of them to the dark instance, all waiting for its one
+    // connection. One after another, the fourth would be past the 3 s request timeout.
+    let calls: Vec<_> = (0..16)
+        .map(|_| {
+            let client = stack.client.clone();
+            let url = stack.gateway.url("/reports/daily");
+            tokio::spawn(async move {
+                common::testing::send_json(&client, "GET", &url, None, None).await
+            })
+        })
+        .collect();
+    for call in calls {
+        let answer = call.await.unwrap();
+        assert_eq!(answer.status, 200, "{:?}", answer.json());
+        assert_eq!(answer.json()["instance"], "good");
+    }
+}

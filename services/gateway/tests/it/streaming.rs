@@ -280,3 +280,65 @@ async fn an_h2c_route_shares_one_connection_and_still_upgrades() {
         2
     );
 }
+
+#[tokio::test]
+async fn an_h2c_connection_is_made_once_and_follows_its_instance_to_a_new_address() {
+    let dir = testkit::TempDir::new("gateway-h2c-move").unwrap();
+    let routes = routes_file(
+        &dir,
+        json!({"routes": [{"prefix": "/moving", "upstream_protocol": "h2c"}]}),
+    );
+    let stack = Stack::start(&[("ROUTES_FILE", &routes)]).await;
+    let before = Upstream::start("before").await;
+    let after = Upstream::start("after").await;
+    stack
+        .register("moving", "m-1", before.port, json!({}))
+        .await;
+    // Routed, and no request sent yet: the status page lists the instance.
+    let started = std::time::Instant::now();
+    while !stack.status().await.to_string().contains("\"m-1\"") {
+        assert!(started.elapsed() < Duration::from_secs(10), "never routed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The instance's first 32 requests arrive at once: they wait for one connection.
+    let calls: Vec<_> = (0..32)
+        .map(|_| {
+            let client = stack.client.clone();
+            let url = stack.gateway.url("/moving/echo");
+            tokio::spawn(async move {
+                common::testing::send_json(&client, "GET", &url, None, None).await
+            })
+        })
+        .collect();
+    for call in calls {
+        let answer = call.await.unwrap();
+        assert_eq!(answer.status, 200, "{:?}", answer.json());
+        assert_eq!(answer.json()["instance"], "before");
+    }
+    let connections = |upstream: &Upstream| {
+        upstream
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(connections(&before), 1);
+
+    // Registered again under the same id at another address: the connection moves too.
+    stack.register("moving", "m-1", after.port, json!({})).await;
+    let started = std::time::Instant::now();
+    loop {
+        let answer = stack.get("/moving/echo").await;
+        assert_eq!(answer.status, 200, "{:?}", answer.json());
+        if answer.json()["instance"] == "after" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "requests still reach the old address"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..5 {
+        assert_eq!(stack.get("/moving/echo").await.json()["instance"], "after");
+    }
+    assert_eq!(connections(&after), 1);
+}
