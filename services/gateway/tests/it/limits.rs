@@ -6,34 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::client::ClientResponse;
-use common::testing::ServiceProcess;
 use serde_json::json;
 
-use crate::support::{Stack, Upstream, get, metric, routes_file};
-
-/// `count` GETs of `path` at once, spread over `gateways`; the answers.
-async fn burst(
-    stack: &Stack,
-    gateways: &[&ServiceProcess],
-    path: &str,
-    token: Option<&str>,
-    count: usize,
-) -> Vec<ClientResponse> {
-    let mut calls = Vec::new();
-    for i in 0..count {
-        let client = stack.client.clone();
-        let url = gateways[i % gateways.len()].url(path);
-        let token = token.map(str::to_owned);
-        calls.push(tokio::spawn(async move {
-            common::testing::send_json(&client, "GET", &url, token.as_deref(), None).await
-        }));
-    }
-    let mut answers = Vec::new();
-    for call in calls {
-        answers.push(call.await.unwrap());
-    }
-    answers
-}
+use crate::support::{Stack, Upstream, burst, get, metric, routes_file};
 
 fn allowed(answers: &[ClientResponse]) -> usize {
     for answer in answers {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use common::testing::ServiceProcess;
 use serde_json::json;
 
-use crate::support::{GATEWAY, Stack, Upstream, get, instance_status, metric};
+use crate::support::{GATEWAY, Stack, Upstream, burst, get, instance_status, metric};
 
 #[tokio::test]
 async fn a_killed_instance_costs_no_failed_get_and_gets_nothing_once_its_circuit_is_open() {
@@ -275,24 +275,11 @@ async fn requests_waiting_on_a_dark_h2c_instance_fail_over_together() {
     stack
         .register("reports", "r-good", good.port, json!({}))
         .await;
-    let started = std::time::Instant::now();
-    while !stack.status().await.to_string().contains("\"r-good\"") {
-        assert!(started.elapsed() < Duration::from_secs(10), "never routed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    stack.wait_until_listed("r-dark").await;
+    stack.wait_until_listed("r-good").await;
     // Round robin sends half of them to the dark instance, all waiting for its one
     // connection. One after another, the fourth would be past the 3 s request timeout.
-    let calls: Vec<_> = (0..16)
-        .map(|_| {
-            let client = stack.client.clone();
-            let url = stack.gateway.url("/reports/daily");
-            tokio::spawn(async move {
-                common::testing::send_json(&client, "GET", &url, None, None).await
-            })
-        })
-        .collect();
-    for call in calls {
-        let answer = call.await.unwrap();
+    for answer in burst(&stack, &[&stack.gateway], "/reports/daily", None, 16).await {
         assert_eq!(answer.status, 200, "{:?}", answer.json());
         assert_eq!(answer.json()["instance"], "good");
     }

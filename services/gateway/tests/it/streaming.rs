@@ -10,7 +10,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{Stack, Upstream, routes_file};
+use crate::support::{Stack, Upstream, burst, routes_file};
 
 const TEN_MIB: usize = 10 * 1024 * 1024;
 
@@ -294,24 +294,9 @@ async fn an_h2c_connection_is_made_once_and_follows_its_instance_to_a_new_addres
     stack
         .register("moving", "m-1", before.port, json!({}))
         .await;
-    // Routed, and no request sent yet: the status page lists the instance.
-    let started = std::time::Instant::now();
-    while !stack.status().await.to_string().contains("\"m-1\"") {
-        assert!(started.elapsed() < Duration::from_secs(10), "never routed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    stack.wait_until_listed("m-1").await;
     // The instance's first 32 requests arrive at once: they wait for one connection.
-    let calls: Vec<_> = (0..32)
-        .map(|_| {
-            let client = stack.client.clone();
-            let url = stack.gateway.url("/moving/echo");
-            tokio::spawn(async move {
-                common::testing::send_json(&client, "GET", &url, None, None).await
-            })
-        })
-        .collect();
-    for call in calls {
-        let answer = call.await.unwrap();
+    for answer in burst(&stack, &[&stack.gateway], "/moving/echo", None, 32).await {
         assert_eq!(answer.status, 200, "{:?}", answer.json());
         assert_eq!(answer.json()["instance"], "before");
     }

@@ -117,6 +117,19 @@ impl Stack {
         wait_for(&self.client, &self.gateway, path, status).await
     }
 
+    /// Waits until the status page lists the instance `id`: routed, and sent no request.
+    pub async fn wait_until_listed(&self, id: &str) {
+        let started = Instant::now();
+        let quoted = format!("\"{id}\"");
+        while !self.status().await.to_string().contains(&quoted) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{id} never routed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn status(&self) -> Value {
         let answer = self.get_as("/api/gateway/status", self.admin()).await;
         assert_eq!(answer.status, 200, "{:?}", answer.json());
@@ -365,6 +378,30 @@ pub fn routes_file(dir: &testkit::TempDir, json: Value) -> String {
     let path = dir.path().join("routes.json");
     std::fs::write(&path, json.to_string()).unwrap();
     path.to_str().unwrap().to_owned()
+}
+
+/// `count` GETs of `path` at once, spread over `gateways`; the answers.
+pub async fn burst(
+    stack: &Stack,
+    gateways: &[&ServiceProcess],
+    path: &str,
+    token: Option<&str>,
+    count: usize,
+) -> Vec<ClientResponse> {
+    let mut calls = Vec::new();
+    for i in 0..count {
+        let client = stack.client.clone();
+        let url = gateways[i % gateways.len()].url(path);
+        let token = token.map(str::to_owned);
+        calls.push(tokio::spawn(async move {
+            common::testing::send_json(&client, "GET", &url, token.as_deref(), None).await
+        }));
+    }
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.unwrap());
+    }
+    answers
 }
 
 /// A metric's value in a Prometheus text page (the first series whose line starts so).
