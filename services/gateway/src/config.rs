@@ -104,6 +104,9 @@ pub struct Config {
     /// `UPSTREAM_MAX_CONNECTIONS`: requests open to one instance at once (each holds a
     /// connection); more wait for a turn within their timeout.
     pub upstream_max_connections: usize,
+    /// `UPSTREAM_IDLE_TIMEOUT`: an HTTP/1.1 connection to an instance left unused this
+    /// long is closed (nginx's `keepalive_timeout` in an upstream block).
+    pub upstream_idle_timeout: Duration,
     /// `ACCESS_LOG_SAMPLE`: the fraction of successful requests written to the access log
     /// (errors always are).
     pub access_log_sample: f64,
@@ -122,9 +125,12 @@ impl Config {
             require_token: false,
             protocol: env.or("UPSTREAM_PROTOCOL", UpstreamProtocol::Http1)?,
         };
+        let upstream_idle_timeout =
+            env.duration_or("UPSTREAM_IDLE_TIMEOUT", Duration::from_secs(60))?;
         for (var, value) in [
             ("CONNECT_TIMEOUT", defaults.connect_timeout),
             ("UPSTREAM_TIMEOUT", defaults.timeout),
+            ("UPSTREAM_IDLE_TIMEOUT", upstream_idle_timeout),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::new(var, "must be greater than 0"));
@@ -177,6 +183,7 @@ impl Config {
             panic_threshold,
             retry_budget,
             upstream_max_connections,
+            upstream_idle_timeout,
             access_log_sample,
             server,
             common,
@@ -322,6 +329,22 @@ mod tests {
         assert_eq!(plain.defaults.protocol, UpstreamProtocol::Http1);
         let error = Config::from_env(&Env::from_pairs([("UPSTREAM_PROTOCOL", "h3")])).unwrap_err();
         assert_eq!(error.var, "UPSTREAM_PROTOCOL");
+    }
+
+    #[test]
+    fn timeouts_must_be_greater_than_zero() {
+        let plain = Config::from_env(&Env::from_pairs([])).unwrap();
+        assert_eq!(plain.upstream_idle_timeout, Duration::from_secs(60));
+        for var in [
+            "CONNECT_TIMEOUT",
+            "UPSTREAM_TIMEOUT",
+            "UPSTREAM_IDLE_TIMEOUT",
+        ] {
+            let error = Config::from_env(&Env::from_pairs([(var, "0s")])).unwrap_err();
+            assert_eq!(error.var, var);
+        }
+        let set = Config::from_env(&Env::from_pairs([("UPSTREAM_IDLE_TIMEOUT", "5s")])).unwrap();
+        assert_eq!(set.upstream_idle_timeout, Duration::from_secs(5));
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod balance;
 pub mod breaker;
 pub mod budget;
 pub mod config;
+pub mod ending;
 pub mod error;
 pub mod metrics;
 pub mod proxy;
@@ -101,9 +102,6 @@ pub async fn run(
         }
         _ => None,
     };
-    let connect_timeouts = std::iter::once(&config.defaults)
-        .chain(config.policies.iter().map(|(_, policy)| policy))
-        .map(|policy| policy.connect_timeout);
 
     let shared_for_ready: Arc<std::sync::OnceLock<Arc<Shared>>> = Arc::default();
     let mut readiness = publisher.add_readiness_check(Readiness::new());
@@ -127,7 +125,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         table: ArcSwap::from_pointee(Table::default()),
         statics,
-        upstreams: Upstreams::new(connect_timeouts),
+        upstreams: Upstreams::new(config.upstream_idle_timeout),
         limiter: Limiter::new(shared_limits),
         auth,
         metrics: GatewayMetrics::new(&registry)?,

@@ -52,6 +52,7 @@ pub async fn follow(shared: Arc<Shared>, source: Option<Source>, metrics: EventM
     while let Some(signal) = subscription.next().await {
         let changed = match signal {
             Signal::Resync(_) => {
+                close_idle_connections(&shared);
                 if let Some(auth) = &shared.auth
                     && let Err(error) = auth.reload_revoked().await
                 {
@@ -78,6 +79,15 @@ pub async fn follow(shared: Arc<Shared>, source: Option<Source>, metrics: EventM
             rebuild(&shared, &instances, cause);
         }
     }
+}
+
+/// Closes the connections to instances that have sat idle too long, at every resync.
+fn close_idle_connections(shared: &Shared) {
+    let table = shared.table.load();
+    let endpoints = table.pools().flat_map(|pool| &pool.endpoints);
+    shared
+        .upstreams
+        .close_idle(endpoints.map(|endpoint| &*endpoint.live));
 }
 
 /// Applies one event; `Some` when the routes changed.

@@ -71,6 +71,8 @@ pub struct Live {
     /// One permit per connection the instance may be sent at once.
     pub slots: Arc<tokio::sync::Semaphore>,
     breaker: Mutex<Breaker>,
+    /// Its idle HTTP/1.1 connections.
+    pub http1: crate::proxy::IdleConnections,
     /// The connection its h2c routes share.
     pub h2c: crate::proxy::SharedConnection,
 }
@@ -83,6 +85,7 @@ impl Live {
             failures: AtomicU64::new(0),
             slots: Arc::new(tokio::sync::Semaphore::new(settings.max_connections)),
             breaker: Mutex::new(Breaker::new(settings.breaker.clone(), Instant::now())),
+            http1: crate::proxy::IdleConnections::default(),
             h2c: crate::proxy::SharedConnection::default(),
         }
     }

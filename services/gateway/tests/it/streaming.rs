@@ -308,12 +308,19 @@ async fn an_h2c_connection_is_made_once_and_follows_its_instance_to_a_new_addres
     assert_eq!(connections(&before), 1);
 
     // Registered again under the same id at another address: the connection moves too.
-    stack.register("moving", "m-1", after.port, json!({})).await;
+    follow_a_move(&stack, &after).await;
+    assert_eq!(connections(&after), 1);
+}
+
+/// Registers instance `m-1` of `moving` again at `to`'s address, and waits until
+/// requests reach it there, and only there.
+async fn follow_a_move(stack: &Stack, to: &Upstream) {
+    stack.register("moving", "m-1", to.port, json!({})).await;
     let started = std::time::Instant::now();
     loop {
         let answer = stack.get("/moving/echo").await;
         assert_eq!(answer.status, 200, "{:?}", answer.json());
-        if answer.json()["instance"] == "after" {
+        if answer.json()["instance"] == to.name {
             break;
         }
         assert!(
@@ -323,7 +330,104 @@ async fn an_h2c_connection_is_made_once_and_follows_its_instance_to_a_new_addres
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for _ in 0..5 {
-        assert_eq!(stack.get("/moving/echo").await.json()["instance"], "after");
+        assert_eq!(stack.get("/moving/echo").await.json()["instance"], to.name);
     }
-    assert_eq!(connections(&after), 1);
+}
+
+#[tokio::test]
+async fn an_http1_connection_follows_its_instance_to_a_new_address() {
+    let stack = Stack::start(&[]).await;
+    let before = Upstream::start("before").await;
+    let after = Upstream::start("after").await;
+    stack
+        .register("moving", "m-1", before.port, json!({}))
+        .await;
+    stack.wait_for("/moving/echo", 200).await;
+    follow_a_move(&stack, &after).await;
+}
+
+/// An HTTP/1.1 connection to an instance serves request after request, whatever the
+/// response's length was (fixed, chunked, none), and never one whose last response was
+/// left unread.
+#[tokio::test]
+async fn http1_connections_are_reused_only_after_a_whole_response() {
+    let stack = Stack::start(&[]).await;
+    let upstream = Upstream::start("keep").await;
+    stack
+        .register("keep", "k-1", upstream.port, json!({}))
+        .await;
+    stack.wait_for("/keep/x", 200).await;
+    let connections = || {
+        upstream
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    for i in 0..5 {
+        let answer = stack.get(&format!("/keep/echo/{i}")).await;
+        assert_eq!(answer.json()["path"], format!("/echo/{i}"));
+        let url = stack.gateway.url("/keep/echo");
+        let head = common::testing::send_json(&stack.client, "HEAD", &url, None, None).await;
+        assert_eq!(head.status, 200);
+        assert_eq!(stack.get("/keep/status/204").await.status, 204);
+        let chunked = stack.get("/keep/bytes/300000").await;
+        assert_eq!(chunked.body.len(), 300_000);
+    }
+    assert_eq!(
+        connections(),
+        1,
+        "every request went over the first connection"
+    );
+
+    // A download the client gives up on: its connection is not used again.
+    let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
+        .await
+        .unwrap();
+    socket
+        .write_all(
+            format!("GET /keep/bytes/{TEN_MIB} HTTP/1.1\r\nHost: keep.example\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    read_until(&mut socket, b"xxxxxxxx").await;
+    drop(socket);
+    for i in 0..5 {
+        let answer = stack.get(&format!("/keep/after/{i}")).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.json()["path"], format!("/after/{i}"));
+    }
+    assert_eq!(connections(), 2);
+}
+
+/// An idle HTTP/1.1 connection is used again within `UPSTREAM_IDLE_TIMEOUT`, and closed
+/// by the gateway once it has waited longer, with no request needed to notice.
+#[tokio::test]
+async fn idle_http1_connections_close_after_the_idle_timeout() {
+    let stack = Stack::start(&[("UPSTREAM_IDLE_TIMEOUT", "2s")]).await;
+    let upstream = Upstream::start("idle").await;
+    stack
+        .register("idle", "i-1", upstream.port, json!({}))
+        .await;
+    stack.wait_for("/idle/x", 200).await;
+    let count =
+        |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stack.get("/idle/again").await.status, 200);
+    assert_eq!(
+        count(&upstream.connections),
+        1,
+        "used again within the timeout"
+    );
+    assert_eq!(count(&upstream.closed), 0);
+    // The resync (every second here) closes it 2 to 3 s after its last use.
+    let started = std::time::Instant::now();
+    while count(&upstream.closed) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the idle connection stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(stack.get("/idle/later").await.status, 200);
+    assert_eq!(count(&upstream.connections), 2);
 }

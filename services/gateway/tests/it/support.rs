@@ -220,6 +220,8 @@ pub struct Upstream {
     pub failing: Arc<AtomicBool>,
     /// Connections it accepted.
     pub connections: Arc<AtomicU64>,
+    /// Connections that have ended since.
+    pub closed: Arc<AtomicU64>,
 }
 
 impl Upstream {
@@ -242,6 +244,7 @@ impl Upstream {
             hits: Arc::default(),
             failing: Arc::default(),
             connections: Arc::default(),
+            closed: Arc::default(),
         };
         let state = upstream.clone();
         tokio::spawn(async move {
@@ -251,6 +254,7 @@ impl Upstream {
                 };
                 state.connections.fetch_add(1, Ordering::Relaxed);
                 let state = state.clone();
+                let closed = state.closed.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let state = state.clone();
@@ -259,6 +263,7 @@ impl Upstream {
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
+                    closed.fetch_add(1, Ordering::Relaxed);
                 });
             }
         });

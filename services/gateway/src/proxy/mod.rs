@@ -1,27 +1,25 @@
 //! The data plane: send a request to an instance of a pool and stream the answer back,
 //! with circuit breaking, retries within the budget, timeouts and header hygiene.
 //!
-//! The only module that uses the hyper client (STYLE.md, "one door").
+//! The only module that uses the hyper client (STYLE.md, "one door"); `connections`
+//! keeps the connections it is sent over.
+
+mod connections;
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use common::hyper_server::{Body, BoxError};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body::Frame;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http2;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 
 use crate::balance::{self, Constraints};
 use crate::breaker::{Admission, Outcome};
@@ -29,6 +27,9 @@ use crate::config::{RoutePolicy, UpstreamProtocol};
 use crate::error::GatewayError;
 use crate::metrics::{Attempt, GatewayMetrics};
 use crate::table::{Endpoint, Live, Pool};
+
+pub use connections::{IdleConnections, SharedConnection, Upstreams};
+use connections::{Lent, Sent};
 
 /// The header that carries the verified token subject upstream; never taken from a client.
 pub const SUBJECT_HEADER: HeaderName = HeaderName::from_static("x-concierge-subject");
@@ -39,223 +40,6 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 
 /// Attempts per request at most (the first and two retries), budget permitting.
 const MAX_ATTEMPTS: usize = 3;
-
-/// The connections to the instances: pooled keep-alive HTTP/1.1 clients, one per connect
-/// timeout in use, and for h2c routes the settings of the one HTTP/2 connection each
-/// instance gets (`SharedConnection`, kept in the instance's live state).
-#[derive(Debug)]
-pub struct Upstreams {
-    /// A handful at most, so a scan beats hashing the key on every request.
-    clients: Vec<(Duration, Client<HttpConnector, Body>)>,
-    http2: http2::Builder<TokioExecutor>,
-}
-
-impl Upstreams {
-    pub fn new(connect_timeouts: impl IntoIterator<Item = Duration>) -> Self {
-        let mut clients = Vec::new();
-        for timeout in connect_timeouts {
-            if !clients.iter().any(|(known, _)| *known == timeout) {
-                clients.push((timeout, Self::client_for(timeout)));
-            }
-        }
-        // Pings find a dead connection, also while no request is waiting on it. Data a
-        // client has not read yet holds window: a small one per stream and a large one
-        // for the connection, so that it takes 64 stalled downloads, not three, to stall
-        // an instance's connection (hyper's defaults are 2 MiB and 5 MiB).
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
-        http2
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
-            .initial_stream_window_size(256 * 1024)
-            .initial_connection_window_size(16 * 1024 * 1024);
-        Self { clients, http2 }
-    }
-
-    fn client_for(timeout: Duration) -> Client<HttpConnector, Body> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
-            .build(connector)
-    }
-
-    /// How a route's requests reach its instances.
-    fn connector(
-        &self,
-        connect_timeout: Duration,
-        protocol: UpstreamProtocol,
-    ) -> Result<Connector<'_>, GatewayError> {
-        if protocol == UpstreamProtocol::H2c {
-            return Ok(Connector::Shared {
-                builder: &self.http2,
-                connect_timeout,
-            });
-        }
-        self.clients
-            .iter()
-            .find(|(timeout, _)| *timeout == connect_timeout)
-            .map(|(_, client)| Connector::Pooled(client))
-            .ok_or_else(|| GatewayError::Internal("no client for the route's upstreams".into()))
-    }
-}
-
-/// How a route's requests reach its instances.
-#[derive(Debug, Clone, Copy)]
-enum Connector<'a> {
-    /// HTTP/1.1 from a pool of keep-alive connections.
-    Pooled(&'a Client<HttpConnector, Body>),
-    /// HTTP/2 over the instance's one shared connection.
-    Shared {
-        builder: &'a http2::Builder<TokioExecutor>,
-        connect_timeout: Duration,
-    },
-}
-
-impl Connector<'_> {
-    /// Sends `request` to `endpoint` and waits for the response's head.
-    async fn send(
-        self,
-        endpoint: &Endpoint,
-        request: Request<Body>,
-    ) -> Result<Response<Incoming>, SendError> {
-        let (builder, connect_timeout) = match self {
-            Self::Pooled(client) => {
-                return client.request(request).await.map_err(|error| {
-                    if error.is_connect() {
-                        SendError::Connect(error.into())
-                    } else {
-                        SendError::Failed(error.into())
-                    }
-                });
-            }
-            Self::Shared {
-                builder,
-                connect_timeout,
-            } => (builder, connect_timeout),
-        };
-        let shared = &endpoint.live.h2c;
-        let connect = || shared.sender(&endpoint.authority, connect_timeout, builder);
-        match connect().await?.try_send_request(request).await {
-            Ok(response) => Ok(response),
-            Err(mut error) => match error.take_message() {
-                // The connection closed before the request left: a new one takes it.
-                Some(request) => connect()
-                    .await?
-                    .send_request(request)
-                    .await
-                    .map_err(|error| SendError::Failed(error.into())),
-                None => Err(SendError::Failed(error.into_error().into())),
-            },
-        }
-    }
-}
-
-/// Why an instance gave no response.
-#[derive(Debug)]
-enum SendError {
-    /// No connection could be made: the request never left.
-    Connect(BoxError),
-    Failed(BoxError),
-}
-
-impl SendError {
-    fn is_connect(&self) -> bool {
-        matches!(self, Self::Connect(_))
-    }
-
-    fn error(&self) -> &(dyn std::error::Error + 'static) {
-        match self {
-            Self::Connect(error) | Self::Failed(error) => &**error,
-        }
-    }
-}
-
-/// The one HTTP/2 connection an h2c instance's requests share, made when first needed
-/// and again once it has closed or the instance has moved to another address.
-#[derive(Debug, Default)]
-pub struct SharedConnection {
-    current: std::sync::Mutex<Option<(Authority, http2::SendRequest<Body>)>>,
-    /// Held while connecting, so that the requests that find no connection wait for the
-    /// one under way rather than each opening its own.
-    connecting: tokio::sync::Mutex<()>,
-    /// When the last attempt failed and why: the requests that waited for it fail too,
-    /// rather than each trying again in turn.
-    failed: std::sync::Mutex<Option<(Instant, String)>>,
-}
-
-impl SharedConnection {
-    async fn sender(
-        &self,
-        authority: &Authority,
-        connect_timeout: Duration,
-        builder: &http2::Builder<TokioExecutor>,
-    ) -> Result<http2::SendRequest<Body>, SendError> {
-        if let Some(sender) = self.ready(authority) {
-            return Ok(sender);
-        }
-        let waited_from = Instant::now();
-        let _connecting = self.connecting.lock().await;
-        if let Some(sender) = self.ready(authority) {
-            return Ok(sender);
-        }
-        if let Some((at, why)) = &*lock(&self.failed)
-            && *at >= waited_from
-        {
-            return Err(SendError::Connect(why.clone().into()));
-        }
-        match connect_h2c(authority, connect_timeout, builder).await {
-            Ok(sender) => {
-                *lock(&self.current) = Some((authority.clone(), sender.clone()));
-                Ok(sender)
-            }
-            Err(error) => {
-                *lock(&self.failed) = Some((Instant::now(), chain(&*error)));
-                Err(SendError::Connect(error))
-            }
-        }
-    }
-
-    /// The connection to `authority`, if there is one that takes requests.
-    fn ready(&self, authority: &Authority) -> Option<http2::SendRequest<Body>> {
-        lock(&self.current)
-            .as_ref()
-            .filter(|(to, sender)| to == authority && sender.is_ready())
-            .map(|(_, sender)| sender.clone())
-    }
-}
-
-/// Connects to `authority` and starts HTTP/2 on the connection, within `timeout`.
-async fn connect_h2c(
-    authority: &Authority,
-    timeout: Duration,
-    builder: &http2::Builder<TokioExecutor>,
-) -> Result<http2::SendRequest<Body>, BoxError> {
-    let connecting = async {
-        let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
-        stream.set_nodelay(true)?;
-        let (sender, connection) = builder.handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "an h2c connection to an instance ended");
-            }
-        });
-        Ok::<_, BoxError>(sender)
-    };
-    tokio::time::timeout(timeout, connecting)
-        .await
-        .unwrap_or_else(|_| Err(format!("no connection within {timeout:?}").into()))
-}
-
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// A request body, and whether it can be sent again to another instance.
 #[derive(Debug)]
@@ -308,10 +92,13 @@ pub struct Answered {
 
 /// Counts a request in flight on an instance until the response body ends (or the
 /// upgraded connection closes), for least-outstanding balancing and the status page.
-/// It holds one of the instance's connection slots as long.
+/// It holds one of the instance's connection slots as long, and the HTTP/1.1 connection
+/// the response comes on, which goes back to the instance's idle ones only if the body
+/// is read to its end.
 #[derive(Debug)]
 pub struct InFlight {
     live: Arc<Live>,
+    lent: Option<Lent>,
     /// Released on drop, after the count.
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
@@ -322,7 +109,15 @@ impl InFlight {
         live.requests.fetch_add(1, Ordering::Relaxed);
         Self {
             live: live.clone(),
+            lent: None,
             _slot: slot,
+        }
+    }
+
+    /// The response has been read whole: its connection can take another request.
+    fn done(mut self) {
+        if let Some(lent) = self.lent.take() {
+            lent.give_back(&self.live);
         }
     }
 }
@@ -366,7 +161,6 @@ pub async fn forward(
     } else {
         policy.protocol
     };
-    let connector = cx.upstreams.connector(policy.connect_timeout, protocol)?;
     let replayable = outgoing.body.replayable() && outgoing.upgrade.is_none();
     let idempotent = is_idempotent(&outgoing.method);
     pool.budget.deposit();
@@ -408,8 +202,16 @@ pub async fn forward(
         // The wait for a free connection slot counts against the request's timeout.
         let answer = tokio::time::timeout(policy.timeout, async {
             let slot = endpoint.live.slots.clone().acquire_owned().await.ok()?;
-            let guard = InFlight::start(&endpoint.live, slot);
-            Some((connector.send(endpoint, request).await, guard))
+            let mut guard = InFlight::start(&endpoint.live, slot);
+            let sent = cx
+                .upstreams
+                .send(endpoint, protocol, policy.connect_timeout, request)
+                .await
+                .map(|Sent { response, lent }| {
+                    guard.lent = lent;
+                    response
+                });
+            Some((sent, guard))
         })
         .await;
         let elapsed = started.elapsed();
@@ -572,27 +374,39 @@ fn upstream_request(
 ) -> Result<Request<Body>, GatewayError> {
     let path_and_query = PathAndQuery::try_from(outgoing.path_and_query.as_str())
         .map_err(|e| GatewayError::BadRequest(format!("the path cannot be sent on: {e}")))?;
-    let uri = Uri::builder()
-        .scheme(Scheme::HTTP)
-        .authority(endpoint.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|e| GatewayError::Internal(e.to_string()))?;
     let mut request = Request::new(body);
     *request.method_mut() = outgoing.method.clone();
-    *request.uri_mut() = uri;
     *request.headers_mut() = headers;
-    if protocol == UpstreamProtocol::H2c {
-        *request.version_mut() = Version::HTTP_2;
-        // HTTP/2 names the authority in `:authority`, which is the instance's address here
-        // (the pool connects by it); a `Host` that differs is malformed (RFC 9113 §8.3.1),
-        // and nginx answers it with a 400. The client's host travels in X-Forwarded-Host.
-        request.headers_mut().remove(header::HOST);
-        // The one TE value HTTP/2 allows (RFC 9113 §8.2.2); stripped above as hop-by-hop.
-        if outgoing.accepts_trailers {
-            request
-                .headers_mut()
-                .insert(header::TE, HeaderValue::from_static("trailers"));
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            // The origin form (`GET /path`), and the client's `Host`, or else the
+            // instance's address, as HTTP/1.1 requires one.
+            *request.uri_mut() = Uri::from(path_and_query);
+            if !request.headers().contains_key(header::HOST)
+                && let Ok(host) = HeaderValue::from_str(endpoint.authority.as_str())
+            {
+                request.headers_mut().insert(header::HOST, host);
+            }
+        }
+        UpstreamProtocol::H2c => {
+            *request.uri_mut() = Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(endpoint.authority.clone())
+                .path_and_query(path_and_query)
+                .build()
+                .map_err(|e| GatewayError::Internal(e.to_string()))?;
+            *request.version_mut() = Version::HTTP_2;
+            // HTTP/2 names the authority in `:authority`, which is the instance's address
+            // here; a `Host` that differs is malformed (RFC 9113 §8.3.1), and nginx
+            // answers it with a 400. The client's host travels in X-Forwarded-Host.
+            request.headers_mut().remove(header::HOST);
+            // The one TE value HTTP/2 allows (RFC 9113 §8.2.2); stripped above as
+            // hop-by-hop.
+            if outgoing.accepts_trailers {
+                request
+                    .headers_mut()
+                    .insert(header::TE, HeaderValue::from_static("trailers"));
+            }
         }
     }
     Ok(request)
@@ -737,42 +551,14 @@ async fn tunnel(client_side: OnUpgrade, upstream_side: OnUpgrade, guard: InFligh
     drop(guard);
 }
 
-/// The response body, keeping its request counted in flight until the body ends.
+/// The response body, keeping its request counted in flight until the body ends; read
+/// to its end, it gives its connection back for another request.
 fn track(body: Body, guard: InFlight) -> Body {
-    Tracked {
-        inner: body,
-        guard: Some(guard),
-    }
-    .boxed()
-}
-
-struct Tracked {
-    inner: Body,
-    guard: Option<InFlight>,
-}
-
-impl http_body::Body for Tracked {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            self.guard = None;
+    crate::ending::on_end(body, move |ended| {
+        if ended.completed {
+            guard.done();
         }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
+    })
 }
 
 /// Whether the request failed because the client's body went over the limit.
