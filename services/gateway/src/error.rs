@@ -107,8 +107,62 @@ impl GatewayError {
         }
     }
 
+    /// The problem+json answer.
     pub fn to_response(&self) -> Response<Body> {
-        let problem = match self {
+        let mut response = problem_response(&self.problem());
+        self.add_headers(response.headers_mut());
+        response
+    }
+
+    /// The answer a gRPC client understands (`content-type: application/grpc…` asked):
+    /// a Trailers-Only response, status 200 with `grpc-status` and `grpc-message`, as
+    /// Envoy answers gRPC requests it fails itself. A gRPC client reads an HTTP error
+    /// status only as UNAVAILABLE, UNIMPLEMENTED and the like, losing a deadline or a
+    /// spent quota.
+    pub fn to_grpc_response(&self) -> Response<Body> {
+        let problem = self.problem();
+        let mut response = Response::new(common::hyper_server::full(bytes::Bytes::new()));
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(self.grpc_status()));
+        let message = problem.detail.as_deref().unwrap_or(&problem.title);
+        if let Ok(value) = HeaderValue::from_str(&grpc_message(message)) {
+            headers.insert("grpc-message", value);
+        }
+        self.add_headers(headers);
+        response
+    }
+
+    /// The gRPC status code (grpc/doc/statuscodes.md) for this failure.
+    fn grpc_status(&self) -> u16 {
+        const INVALID_ARGUMENT: u16 = 3;
+        const DEADLINE_EXCEEDED: u16 = 4;
+        const PERMISSION_DENIED: u16 = 7;
+        const RESOURCE_EXHAUSTED: u16 = 8;
+        const UNIMPLEMENTED: u16 = 12;
+        const INTERNAL: u16 = 13;
+        const UNAVAILABLE: u16 = 14;
+        const UNAUTHENTICATED: u16 = 16;
+        match self {
+            Self::BadTarget(_) | Self::BadRequest(_) => INVALID_ARGUMENT,
+            Self::NoRoute => UNIMPLEMENTED,
+            Self::BodyTooLarge(_) | Self::RateLimited { .. } => RESOURCE_EXHAUSTED,
+            Self::Unauthenticated(_) => UNAUTHENTICATED,
+            Self::Forbidden(_) => PERMISSION_DENIED,
+            Self::NoInstance(_)
+            | Self::Connect { .. }
+            | Self::Upstream { .. }
+            | Self::AuthUnavailable => UNAVAILABLE,
+            Self::Timeout { .. } => DEADLINE_EXCEEDED,
+            Self::Internal(_) => INTERNAL,
+        }
+    }
+
+    fn problem(&self) -> Problem {
+        match self {
             Self::BadTarget(BadTarget::TooLong) => Problem::new(self.code(), 414, "URI Too Long")
                 .with_detail(format!(
                     "the request target exceeds {} bytes",
@@ -141,9 +195,11 @@ impl GatewayError {
             Self::AuthUnavailable => Problem::new(self.code(), 503, "Service Unavailable")
                 .with_detail("tokens cannot be checked right now"),
             Self::Internal(_) => Problem::internal(),
-        };
-        let mut response = problem_response(&problem);
-        let headers = response.headers_mut();
+        }
+    }
+
+    /// `Retry-After`, the rate-limit headers, `WWW-Authenticate`: whatever the answer's form.
+    fn add_headers(&self, headers: &mut http::HeaderMap) {
         match self {
             Self::NoInstance(_) | Self::AuthUnavailable => {
                 headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
@@ -160,8 +216,20 @@ impl GatewayError {
             }
             _ => {}
         }
-        response
     }
+}
+
+/// `message` percent-encoded as `grpc-message` wants: printable ASCII but `%` stays.
+fn grpc_message(message: &str) -> String {
+    let mut encoded = String::with_capacity(message.len());
+    for byte in message.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
 }
 
 /// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` (seconds, rounded up).
@@ -174,4 +242,32 @@ pub fn insert_rate_headers(headers: &mut http::HeaderMap, decision: &Decision) {
 fn seconds(duration: Duration) -> HeaderValue {
     let whole = duration.as_secs() + u64::from(duration.subsec_nanos() > 0);
     HeaderValue::from(whole.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_messages_are_percent_encoded_outside_printable_ascii() {
+        assert_eq!(grpc_message("no instance of a-b"), "no instance of a-b");
+        assert_eq!(grpc_message("100% café\n"), "100%25 caf%C3%A9%0A");
+    }
+
+    #[test]
+    fn grpc_answers_carry_the_status_and_the_headers_of_the_problem() {
+        let answer = GatewayError::Unauthenticated(AuthError::Missing).to_grpc_response();
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.headers()["grpc-status"], "16");
+        assert_eq!(answer.headers()["www-authenticate"], "Bearer");
+        let timeout = GatewayError::Timeout {
+            service: "s".into(),
+            instance: "internal-address:1".into(),
+            timeout: Duration::from_secs(1),
+        };
+        let answer = timeout.to_grpc_response();
+        assert_eq!(answer.headers()["grpc-status"], "4");
+        let message = answer.headers()["grpc-message"].to_str().unwrap();
+        assert!(!message.contains("internal-address"), "{message}");
+    }
 }

@@ -196,6 +196,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         .get::<RequestId>()
         .map_or_else(|| Arc::from("-"), |id| id.0.clone());
     let method = req.method().clone();
+    let grpc = is_grpc(req.headers());
     // One copy of the path serves the routing and, cut short, the access log.
     let mut path = req.uri().path().to_owned();
     let served = match dispatch(shared, req, &path).await {
@@ -207,7 +208,11 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                 error::Source::Gateway => tracing::error!(%error, "gateway failure"),
             }
             Served {
-                response: error.to_response(),
+                response: if grpc {
+                    error.to_grpc_response()
+                } else {
+                    error.to_response()
+                },
                 route,
                 instance: None,
                 attempts: 0,
@@ -239,6 +244,13 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         write,
     };
     response.map(|body| access::wrap(body, entry))
+}
+
+/// Whether the client speaks gRPC (or gRPC-Web), which reads failures from `grpc-status`.
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
 }
 
 fn truncate(text: &mut String, max: usize) {

@@ -423,3 +423,83 @@ async fn every_request_gets_one_access_line_and_its_metrics() {
     assert_eq!(error.map(|line| line["status"].clone()), Some(json!(404)));
     assert!(!sampled.output().contains("\"sampled-out\""));
 }
+
+/// A gRPC client learns a failure of the gateway's own from `grpc-status`, as from Envoy:
+/// HTTP 200 and a Trailers-Only answer. Other clients keep problem+json.
+#[tokio::test]
+async fn grpc_clients_get_the_gateways_failures_as_grpc_status() {
+    let dir = testkit::TempDir::new("gateway-grpc-errors").unwrap();
+    let routes = routes_file(
+        &dir,
+        json!({"routes": [
+            {"prefix": "/slow", "upstream_protocol": "h2c", "timeout": "300ms"},
+            {"prefix": "/quota", "rate_limit": {"per_service": "1/m"}}
+        ]}),
+    );
+    let stack = Stack::start(&[("ROUTES_FILE", &routes)]).await;
+    let upstream = Upstream::start("grpc").await;
+    for service in ["slow", "quota", "down"] {
+        let id = format!("{service}-1");
+        stack.register(service, &id, upstream.port, json!({})).await;
+    }
+    stack.set_health("down", "down-1", "offline").await;
+    stack.wait_for("/down/x", 503).await;
+    stack.wait_for("/slow/x", 200).await;
+
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let call = |path: &str, content_type: &'static str| {
+        let request = http::Request::post(stack.gateway.url(path))
+            .header("content-type", content_type)
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"\0\0\0\0\0",
+            )))
+            .unwrap();
+        client.request(request)
+    };
+    let grpc_status = |answer: &http::Response<hyper::body::Incoming>| {
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.headers()["content-type"], "application/grpc");
+        let status = answer.headers()["grpc-status"].to_str().unwrap().to_owned();
+        let message = answer.headers()["grpc-message"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        (status, message)
+    };
+
+    let answer = call("/nowhere/pkg.Svc/Call", "application/grpc")
+        .await
+        .unwrap();
+    assert_eq!(grpc_status(&answer).0, "12", "UNIMPLEMENTED");
+    let answer = call("/down/pkg.Svc/Call", "application/grpc+proto")
+        .await
+        .unwrap();
+    let (status, message) = grpc_status(&answer);
+    assert_eq!(status, "14", "UNAVAILABLE");
+    assert_eq!(message, "no instance of down can take requests right now");
+    assert_eq!(answer.headers()["retry-after"], "5");
+    let answer = call("/slow/sleep/2000", "application/grpc").await.unwrap();
+    let (status, message) = grpc_status(&answer);
+    assert_eq!(status, "4", "DEADLINE_EXCEEDED");
+    assert_eq!(message, "the upstream instance did not answer within 300ms");
+    assert_eq!(
+        call("/quota/x", "application/grpc").await.unwrap().status(),
+        200
+    );
+    let answer = call("/quota/x", "application/grpc-web").await.unwrap();
+    assert_eq!(grpc_status(&answer).0, "8", "RESOURCE_EXHAUSTED");
+    assert!(answer.headers().contains_key("retry-after"));
+    assert_eq!(answer.headers()["ratelimit-remaining"], "0");
+
+    // Anything else still gets problem+json.
+    let answer = call("/nowhere/x", "application/json").await.unwrap();
+    assert_eq!(answer.status(), 404);
+    assert_eq!(
+        answer.headers()["content-type"],
+        common::problem::CONTENT_TYPE
+    );
+    assert!(!answer.headers().contains_key("grpc-status"));
+}

@@ -229,6 +229,7 @@ impl Upstream {
     /// - `/bytes/N`: N bytes, streamed in 64 KiB chunks;
     /// - `/upload`: reads the body as it streams in and answers `{"received": N}`;
     /// - `/status/N`: an empty answer with status N;
+    /// - `/sleep/MS`: an empty 200 after MS milliseconds;
     /// - `/flaky`: 500 while `failing` is set, else 200;
     /// - `/ws`: a protocol upgrade, then echoes every byte;
     /// - `/trailers`: `ok`, then the trailer `grpc-status: 0`, with the request's `TE` in
@@ -291,6 +292,10 @@ impl Upstream {
                 }
             }
             return json_answer(StatusCode::OK, json!({ "received": received }));
+        }
+        if let Some(ms) = path.strip_prefix("/sleep/") {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+            return Response::new(common::hyper_server::full(Bytes::new()));
         }
         if let Some(code) = path.strip_prefix("/status/") {
             let mut response = Response::new(common::hyper_server::full(Bytes::new()));
