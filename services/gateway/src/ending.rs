@@ -135,6 +135,36 @@ mod tests {
         );
     }
 
+    /// What hyper's server does with a body that knows its length: it stops after the
+    /// last data frame, never asking for the end.
+    #[tokio::test]
+    async fn a_sized_body_dropped_after_its_last_frame_was_complete_a_chunked_one_not() {
+        let sized = Full::new(Bytes::from_static(b"abc")).map_err(|n| match n {});
+        let (mut body, seen) = watched(sized.boxed());
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [Ended {
+                completed: true,
+                bytes: 3
+            }]
+        );
+        let one_chunk = futures_util::stream::iter([Ok::<_, BoxError>(Frame::data(
+            Bytes::from_static(b"abc"),
+        ))]);
+        let (mut body, seen) = watched(StreamBody::new(one_chunk).boxed());
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [Ended {
+                completed: false,
+                bytes: 3
+            }]
+        );
+    }
+
     #[tokio::test]
     async fn a_body_dropped_early_or_failing_was_cut_short() {
         let chunks = || {

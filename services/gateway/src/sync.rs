@@ -85,9 +85,7 @@ pub async fn follow(shared: Arc<Shared>, source: Option<Source>, metrics: EventM
 fn close_idle_connections(shared: &Shared) {
     let table = shared.table.load();
     let endpoints = table.pools().flat_map(|pool| &pool.endpoints);
-    shared
-        .upstreams
-        .close_idle(endpoints.map(|endpoint| &*endpoint.live));
+    shared.upstreams.close_idle(endpoints);
 }
 
 /// Applies one event; `Some` when the routes changed.

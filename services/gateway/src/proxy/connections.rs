@@ -7,6 +7,7 @@
 //! waiters and the task it spawns per request to take a connection back were work for
 //! nothing (about 1.2 µs of CPU per HTTP/1.1 request, 1.7 µs per h2c one).
 
+use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -52,11 +53,13 @@ impl Upstreams {
         }
     }
 
-    /// Closes the idle HTTP/1.1 connections of `instances` that have waited too long, or
-    /// that the instance has closed.
-    pub fn close_idle<'a>(&self, instances: impl Iterator<Item = &'a Live>) {
-        for live in instances {
+    /// Closes the connections to `endpoints` that have sat unused too long, or that lead
+    /// to an address the instance has left, or that the instance has closed.
+    pub fn close_idle<'a>(&self, endpoints: impl Iterator<Item = &'a Endpoint>) {
+        for endpoint in endpoints {
+            let live = &endpoint.live;
             live.http1.close_idle(self.idle_timeout);
+            live.h2c.close_idle(&endpoint.authority, self.idle_timeout);
         }
     }
 
@@ -145,7 +148,7 @@ async fn handshake_http1(
     timeout: Duration,
 ) -> Result<http1::SendRequest<Body>, SendError> {
     let handshake = async {
-        let stream = connect(authority).await?;
+        let stream = connect(authority, timeout).await?;
         let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             if let Err(error) = connection.with_upgrades().await {
@@ -227,12 +230,17 @@ impl IdleConnections {
         {
             stack.retain(|idle| now.duration_since(idle.since) < idle_timeout);
         }
-        while let Some(idle) = stack.pop() {
-            // One the instance closed, or to an address it has left, is dropped; one
-            // still finishing its last response (rare: it is given back after that) is
-            // of no use now either.
-            if idle.lent.authority == *authority && idle.lent.sender.is_ready() {
-                return Some(idle.lent.sender);
+        // From the top: one the instance closed, or to an address it has left, goes;
+        // one still finishing its last exchange (an upload the instance answered early,
+        // say) stays for later.
+        let mut index = stack.len();
+        while index > 0 {
+            index -= 1;
+            let sender = &stack[index].lent.sender;
+            if sender.is_closed() || stack[index].lent.authority != *authority {
+                stack.remove(index);
+            } else if sender.is_ready() {
+                return Some(stack.remove(index).lent.sender);
             }
         }
         None
@@ -260,13 +268,27 @@ impl IdleConnections {
 /// and again once it has closed or the instance has moved to another address.
 #[derive(Debug, Default)]
 pub struct SharedConnection {
-    current: Mutex<Option<(Authority, http2::SendRequest<Body>)>>,
+    current: Mutex<Option<Shared>>,
     /// Held while connecting, so that the requests that find no connection wait for the
     /// one under way rather than each opening its own.
     connecting: tokio::sync::Mutex<()>,
-    /// When the last attempt failed and why: the requests that waited for it fail too,
-    /// rather than each trying again in turn.
-    failed: Mutex<Option<(Instant, String)>>,
+    /// The last attempt that failed: the requests that waited for it to the same address
+    /// fail too, rather than each trying again in turn.
+    failed: Mutex<Option<Failed>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    authority: Authority,
+    sender: http2::SendRequest<Body>,
+    last_used: Instant,
+}
+
+#[derive(Debug)]
+struct Failed {
+    authority: Authority,
+    at: Instant,
+    why: String,
 }
 
 impl SharedConnection {
@@ -284,13 +306,14 @@ impl SharedConnection {
         if let Some(sender) = self.ready(authority) {
             return Ok(sender);
         }
-        if let Some((at, why)) = &*lock(&self.failed)
-            && *at >= waited_from
+        if let Some(failed) = &*lock(&self.failed)
+            && failed.at >= waited_from
+            && failed.authority == *authority
         {
-            return Err(SendError::Connect(why.clone().into()));
+            return Err(SendError::Connect(failed.why.clone().into()));
         }
         let handshake = async {
-            let stream = connect(authority).await?;
+            let stream = connect(authority, connect_timeout).await?;
             let (sender, connection) = builder.handshake(TokioIo::new(stream)).await?;
             tokio::spawn(async move {
                 if let Err(error) = connection.await {
@@ -301,11 +324,19 @@ impl SharedConnection {
         };
         match within(connect_timeout, handshake).await {
             Ok(sender) => {
-                *lock(&self.current) = Some((authority.clone(), sender.clone()));
+                *lock(&self.current) = Some(Shared {
+                    authority: authority.clone(),
+                    sender: sender.clone(),
+                    last_used: Instant::now(),
+                });
                 Ok(sender)
             }
             Err(error) => {
-                *lock(&self.failed) = Some((Instant::now(), super::chain(&*error)));
+                *lock(&self.failed) = Some(Failed {
+                    authority: authority.clone(),
+                    at: Instant::now(),
+                    why: super::chain(&*error),
+                });
                 Err(SendError::Connect(error))
             }
         }
@@ -313,21 +344,65 @@ impl SharedConnection {
 
     /// The connection to `authority`, if there is one that takes requests.
     fn ready(&self, authority: &Authority) -> Option<http2::SendRequest<Body>> {
-        lock(&self.current)
-            .as_ref()
-            .filter(|(to, sender)| to == authority && sender.is_ready())
-            .map(|(_, sender)| sender.clone())
+        let mut current = lock(&self.current);
+        let shared = current
+            .as_mut()
+            .filter(|shared| shared.authority == *authority && shared.sender.is_ready())?;
+        shared.last_used = Instant::now();
+        Some(shared.sender.clone())
+    }
+
+    /// Lets the connection go (it closes once the requests on it are done) if it was
+    /// unused for `idle_timeout`, or leads to an address other than `authority`.
+    fn close_idle(&self, authority: &Authority, idle_timeout: Duration) {
+        let mut current = lock(&self.current);
+        if current.as_ref().is_some_and(|shared| {
+            shared.authority != *authority || shared.last_used.elapsed() >= idle_timeout
+        }) {
+            *current = None;
+        }
     }
 }
 
-/// A TCP connection to `authority` (a name is resolved first), with Nagle's delay off and
-/// keep-alive probes on.
-async fn connect(authority: &Authority) -> Result<TcpStream, BoxError> {
-    let stream = TcpStream::connect(authority.as_str()).await?;
-    stream.set_nodelay(true)?;
-    let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
-    socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
-    Ok(stream)
+/// A TCP connection to `authority` (port 80 if it names none), with Nagle's delay off and
+/// keep-alive probes on. A name may resolve to several addresses: each is tried in turn
+/// with an equal share of the time left, so that one that drops packets (a stale record,
+/// a deleted pod) cannot take the whole `timeout`.
+async fn connect(authority: &Authority, timeout: Duration) -> Result<TcpStream, BoxError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let (host, port) = host_and_port(authority);
+    let addresses: Vec<SocketAddr> =
+        tokio::time::timeout_at(deadline, tokio::net::lookup_host((host, port)))
+            .await
+            .map_err(|_| format!("{host} did not resolve within {timeout:?}"))??
+            .collect();
+    let mut last_error: BoxError = format!("{host} resolves to no address").into();
+    for (tried, address) in addresses.iter().enumerate() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let share = left / u32::try_from(addresses.len() - tried).unwrap_or(u32::MAX);
+        match tokio::time::timeout(share, TcpStream::connect(address)).await {
+            Ok(Ok(stream)) => {
+                stream.set_nodelay(true)?;
+                let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+                socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
+                return Ok(stream);
+            }
+            Ok(Err(error)) => last_error = format!("{address}: {error}").into(),
+            Err(_) => last_error = format!("no connection to {address} within {share:?}").into(),
+        }
+    }
+    Err(last_error)
+}
+
+/// The host to resolve (an IPv6 literal without the brackets URIs put around it) and the
+/// port, 80 when the authority names none.
+fn host_and_port(authority: &Authority) -> (&str, u16) {
+    let host = authority.host();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    (host, authority.port_u16().unwrap_or(80))
 }
 
 /// `connecting`, unless `timeout` passes first.
@@ -342,4 +417,29 @@ async fn within<T>(
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_authority_without_a_port_means_port_80() {
+        let parse = |text: &'static str| Authority::from_static(text);
+        assert_eq!(host_and_port(&parse("vault")), ("vault", 80));
+        assert_eq!(host_and_port(&parse("vault:8200")), ("vault", 8200));
+        assert_eq!(host_and_port(&parse("[::1]:8080")), ("::1", 8080));
+        assert_eq!(host_and_port(&parse("[::1]")), ("::1", 80));
+    }
+
+    #[tokio::test]
+    async fn a_port_less_authority_connects_to_port_80_and_literals_skip_the_resolver() {
+        // Nothing listens on port 80 of 127.0.0.2 (connecting there is refused at once, or
+        // reaches a server if one does listen): either way, not "invalid socket address".
+        let result = connect(&Authority::from_static("127.0.0.2"), Duration::from_secs(2)).await;
+        if let Err(error) = result {
+            let text = error.to_string();
+            assert!(text.starts_with("127.0.0.2:80: "), "{text}");
+        }
+    }
 }

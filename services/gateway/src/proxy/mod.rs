@@ -380,10 +380,16 @@ fn upstream_request(
     match protocol {
         UpstreamProtocol::Http1 => {
             // The origin form (`GET /path`), and the client's `Host`, or else the
-            // instance's address, as HTTP/1.1 requires one.
+            // instance's address (without port 80, as URIs leave it out), as HTTP/1.1
+            // requires one.
             *request.uri_mut() = Uri::from(path_and_query);
+            let authority = &endpoint.authority;
+            let host = match authority.port_u16() {
+                Some(80) => authority.host(),
+                _ => authority.as_str(),
+            };
             if !request.headers().contains_key(header::HOST)
-                && let Ok(host) = HeaderValue::from_str(endpoint.authority.as_str())
+                && let Ok(host) = HeaderValue::from_str(host)
             {
                 request.headers_mut().insert(header::HOST, host);
             }

@@ -378,6 +378,17 @@ async fn http1_connections_are_reused_only_after_a_whole_response() {
         "every request went over the first connection"
     );
 
+    // An upgraded connection is the WebSocket's alone: requests meanwhile take another.
+    let mut socket = open_websocket(&stack, "/keep/ws").await;
+    for i in 0..3 {
+        let answer = stack.get(&format!("/keep/beside/{i}")).await;
+        assert_eq!(answer.json()["path"], format!("/beside/{i}"));
+        socket.write_all(b"still mine").await.unwrap();
+        read_until(&mut socket, b"still mine").await;
+    }
+    drop(socket);
+    assert_eq!(connections(), 2);
+
     // A download the client gives up on: its connection is not used again.
     let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
         .await
@@ -395,14 +406,27 @@ async fn http1_connections_are_reused_only_after_a_whole_response() {
         assert_eq!(answer.status, 200);
         assert_eq!(answer.json()["path"], format!("/after/{i}"));
     }
-    assert_eq!(connections(), 2);
+    assert_eq!(connections(), 3);
 }
 
-/// An idle HTTP/1.1 connection is used again within `UPSTREAM_IDLE_TIMEOUT`, and closed
-/// by the gateway once it has waited longer, with no request needed to notice.
+/// An idle connection is used again within `UPSTREAM_IDLE_TIMEOUT`, and closed by the
+/// gateway once it has waited longer, with no request needed to notice.
 #[tokio::test]
 async fn idle_http1_connections_close_after_the_idle_timeout() {
-    let stack = Stack::start(&[("UPSTREAM_IDLE_TIMEOUT", "2s")]).await;
+    idle_connections_close("http1").await;
+}
+
+#[tokio::test]
+async fn an_idle_h2c_connection_closes_after_the_idle_timeout_too() {
+    idle_connections_close("h2c").await;
+}
+
+async fn idle_connections_close(protocol: &str) {
+    let stack = Stack::start(&[
+        ("UPSTREAM_IDLE_TIMEOUT", "2s"),
+        ("UPSTREAM_PROTOCOL", protocol),
+    ])
+    .await;
     let upstream = Upstream::start("idle").await;
     stack
         .register("idle", "i-1", upstream.port, json!({}))
@@ -411,7 +435,14 @@ async fn idle_http1_connections_close_after_the_idle_timeout() {
     let count =
         |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(stack.get("/idle/again").await.status, 200);
+    let answer = stack.get("/idle/again").await;
+    assert_eq!(answer.status, 200);
+    let version = if protocol == "h2c" {
+        "HTTP/2.0"
+    } else {
+        "HTTP/1.1"
+    };
+    assert_eq!(answer.json()["version"], version);
     assert_eq!(
         count(&upstream.connections),
         1,
