@@ -407,6 +407,15 @@ async fn http1_connections_are_reused_only_after_a_whole_response() {
         assert_eq!(answer.json()["path"], format!("/after/{i}"));
     }
     assert_eq!(connections(), 3);
+
+    // Bursts of 16 at once: a connection is free again by the next burst, so 16 serve all.
+    for _ in 0..5 {
+        for answer in burst(&stack, &[&stack.gateway], "/keep/echo", None, 16).await {
+            assert_eq!(answer.status, 200);
+        }
+    }
+    let opened = connections() - 3;
+    assert!(opened <= 16, "{opened} more connections for bursts of 16");
 }
 
 /// An idle connection is used again within `UPSTREAM_IDLE_TIMEOUT`, and closed by the
