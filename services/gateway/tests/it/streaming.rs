@@ -471,3 +471,40 @@ async fn idle_connections_close(protocol: &str) {
     assert_eq!(stack.get("/idle/later").await.status, 200);
     assert_eq!(count(&upstream.connections), 2);
 }
+
+/// A client that asks `Expect: 100-continue` before an upload gets its `100 Continue`
+/// and then the instance's answer, the body streamed through.
+#[tokio::test]
+async fn an_upload_that_expects_100_continue_goes_through() {
+    let stack = Stack::start(&[]).await;
+    let upstream = Upstream::start("files").await;
+    stack
+        .register("files", "f-1", upstream.port, json!({}))
+        .await;
+    stack.wait_for("/files/x", 200).await;
+    let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
+        .await
+        .unwrap();
+    let body = vec![b'u'; 100_000];
+    socket
+        .write_all(
+            format!(
+                "POST /files/upload HTTP/1.1\r\nHost: files.example\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let interim = read_until(&mut socket, b"\r\n\r\n").await;
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100 Continue"),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
+    socket.write_all(&body).await.unwrap();
+    let answer = read_until(&mut socket, b"}").await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#"{"received":100000}"#), "{answer}");
+}
