@@ -22,6 +22,10 @@ use tokio::net::TcpStream;
 use crate::config::UpstreamProtocol;
 use crate::table::{Endpoint, Live};
 
+/// A connection unused this long may be one the instance is closing (its keep-alive
+/// timeout is up) just as a request goes out on it.
+const MAY_BE_STALE: Duration = Duration::from_secs(1);
+
 /// TCP keep-alive probes find an instance that vanished while a connection sat idle.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
@@ -89,35 +93,40 @@ impl Upstreams {
         connect_timeout: Duration,
         request: Request<Body>,
     ) -> Result<Sent, SendError> {
-        let mut sender = match endpoint
-            .live
-            .http1
-            .take(&endpoint.authority, self.idle_timeout)
-        {
-            Some(sender) => sender,
-            None => handshake_http1(&endpoint.authority, connect_timeout).await?,
+        let authority = &endpoint.authority;
+        let taken = endpoint.live.http1.take(authority, self.idle_timeout);
+        // A request may meet a connection the instance is closing as it goes out: one
+        // that can be sent twice is kept to go again, when its connection sat unused
+        // long enough for that (connections in steady use pay nothing for it).
+        let again = match &taken {
+            Some((_, idle_for)) if *idle_for >= MAY_BE_STALE => replayable(&request),
+            _ => None,
         };
-        let response = match sender.try_send_request(request).await {
-            Ok(response) => response,
-            Err(mut error) => match error.take_message() {
+        let mut sender = match taken {
+            Some((sender, _)) => sender,
+            None => handshake_http1(authority, connect_timeout).await?,
+        };
+        let resend = match sender.try_send_request(request).await {
+            Ok(response) => return Ok(Sent::lent(response, authority, sender)),
+            Err(mut error) => match (error.take_message(), again) {
                 // The connection closed before the request left: a new one takes it.
-                Some(request) => {
-                    sender = handshake_http1(&endpoint.authority, connect_timeout).await?;
-                    sender
-                        .send_request(request)
-                        .await
-                        .map_err(|error| SendError::Failed(error.into()))?
+                (Some(request), _) => request,
+                (None, Some(copy)) if closed_under_it(error.error()) => {
+                    tracing::debug!(
+                        instance = &*endpoint.instance_id,
+                        "a kept connection closed as a request went out; sending it again"
+                    );
+                    copy
                 }
-                None => return Err(SendError::Failed(error.into_error().into())),
+                (None, _) => return Err(SendError::Failed(error.into_error().into())),
             },
         };
-        Ok(Sent {
-            response,
-            lent: Some(Lent {
-                authority: endpoint.authority.clone(),
-                sender,
-            }),
-        })
+        let mut sender = handshake_http1(authority, connect_timeout).await?;
+        let response = sender
+            .send_request(resend)
+            .await
+            .map_err(|error| SendError::Failed(error.into()))?;
+        Ok(Sent::lent(response, authority, sender))
     }
 
     async fn send_h2c(
@@ -160,12 +169,54 @@ async fn handshake_http1(
     within(timeout, handshake).await.map_err(SendError::Connect)
 }
 
+/// A copy of `request` to send again, if it may be sent twice: idempotent, without a body.
+fn replayable(request: &Request<Body>) -> Option<Request<Body>> {
+    if !super::is_idempotent(request.method()) || !http_body::Body::is_end_stream(request.body()) {
+        return None;
+    }
+    let mut copy = Request::new(super::empty());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
+}
+
+/// Whether a connection failed under a request before any answer came: closed or reset by
+/// the instance, which then has not answered it.
+fn closed_under_it(error: &hyper::Error) -> bool {
+    use std::io::ErrorKind;
+    error.is_incomplete_message()
+        || super::cause::<std::io::Error>(error).is_some_and(|io| {
+            matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
+            )
+        })
+}
+
 /// A response's head, and the HTTP/1.1 connection it came on, to be given back once the
 /// body has been read to its end.
 #[derive(Debug)]
 pub(super) struct Sent {
     pub response: Response<Incoming>,
     pub lent: Option<Lent>,
+}
+
+impl Sent {
+    fn lent(
+        response: Response<Incoming>,
+        authority: &Authority,
+        sender: http1::SendRequest<Body>,
+    ) -> Self {
+        Self {
+            response,
+            lent: Some(Lent {
+                authority: authority.clone(),
+                sender,
+            }),
+        }
+    }
 }
 
 /// An HTTP/1.1 connection lent to one request.
@@ -217,11 +268,13 @@ struct Idle {
 
 impl IdleConnections {
     /// An idle connection to `authority` that takes a request now, if there is one.
+    /// An idle connection to `authority` that takes a request now, and how long it sat
+    /// unused, if there is one.
     fn take(
         &self,
         authority: &Authority,
         idle_timeout: Duration,
-    ) -> Option<http1::SendRequest<Body>> {
+    ) -> Option<(http1::SendRequest<Body>, Duration)> {
         let mut stack = lock(&self.stack);
         let now = Instant::now();
         if stack
@@ -240,7 +293,8 @@ impl IdleConnections {
             if sender.is_closed() || stack[index].lent.authority != *authority {
                 stack.remove(index);
             } else if sender.is_ready() {
-                return Some(stack.remove(index).lent.sender);
+                let idle = stack.remove(index);
+                return Some((idle.lent.sender, now.duration_since(idle.since)));
             }
         }
         None

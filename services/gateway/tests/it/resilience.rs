@@ -284,3 +284,62 @@ async fn requests_waiting_on_a_dark_h2c_instance_fail_over_together() {
         assert_eq!(answer.json()["instance"], "good");
     }
 }
+
+/// An instance that serves one request per connection and keeps it open, then reads the
+/// next request on it and closes it unanswered: what an instance does when its keep-alive
+/// timeout closes a connection just as the gateway sends on it. Counts connections.
+async fn closing_after_one_request() -> (u16, Arc<AtomicU64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connections = Arc::new(AtomicU64::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            counted.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if stream.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                // The next request arrives as the instance gives up on the connection.
+                let _ = stream.read(&mut buf).await;
+            });
+        }
+    });
+    (port, connections)
+}
+
+/// A GET that meets a connection the instance closed as it was sent goes again on a new
+/// one, even with no other instance to try; a POST does not, as it may have been acted on.
+#[tokio::test]
+async fn a_get_on_a_connection_closed_under_it_goes_again_on_a_new_one() {
+    let stack = Stack::start(&[("UPSTREAM_IDLE_TIMEOUT", "1m")]).await;
+    let (port, connections) = closing_after_one_request().await;
+    stack.register("brief", "b-1", port, json!({})).await;
+    stack.wait_for("/brief/x", 200).await;
+    for round in 0..3 {
+        // Unused long enough for an instance's keep-alive timeout to have run out.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let answer = stack.get("/brief/again").await;
+        assert_eq!(answer.status, 200, "round {round}: {:?}", answer.json());
+    }
+    assert_eq!(connections.load(Ordering::Relaxed), 4);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let request = http::Request::post(stack.gateway.url("/brief/act"))
+        .body(bytes::Bytes::new())
+        .unwrap();
+    let answer = stack.client.send(request).await.unwrap();
+    assert_eq!(answer.status, 502, "{:?}", answer.json());
+}
