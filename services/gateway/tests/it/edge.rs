@@ -331,6 +331,9 @@ async fn http2_clients_are_served_too() {
         seen["headers"]["x-forwarded-host"],
         stack.gateway.addr.to_string()
     );
+    // HTTP/2 carries no Host; the instance's HTTP/1.1 needs one, so it gets its own address.
+    assert_eq!(seen["version"], "HTTP/1.1");
+    assert_eq!(seen["headers"]["host"], format!("127.0.0.1:{}", echo.port));
 }
 
 #[tokio::test]
