@@ -107,8 +107,8 @@ pub struct Config {
     /// `UPSTREAM_IDLE_TIMEOUT`: a connection to an instance left unused this long is
     /// closed (nginx's `keepalive_timeout` in an upstream block). It must be shorter than
     /// the instances' own keep-alive timeout, or an instance may close a connection just as
-    /// a request goes out on it, and the request fail: 4 s is below Node's, uvicorn's and
-    /// Apache's 5 s.
+    /// a request goes out on it, and the request fail: 4 s is below the 5 s that Apache
+    /// httpd, uvicorn and recent gunicorn close idle connections after.
     pub upstream_idle_timeout: Duration,
     /// `ACCESS_LOG_SAMPLE`: the fraction of successful requests written to the access log
     /// (errors always are).

@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::config::UpstreamProtocol;
-use crate::table::{Endpoint, Live};
+use crate::table::Endpoint;
 
 /// A connection unused this long may be one the instance is closing (its keep-alive
 /// timeout is up) just as a request goes out on it.
@@ -33,7 +33,7 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct Upstreams {
     http2: http2::Builder<TokioExecutor>,
-    /// An idle HTTP/1.1 connection unused this long is closed.
+    /// A connection unused this long is closed.
     idle_timeout: Duration,
 }
 
@@ -226,13 +226,6 @@ pub(super) struct Lent {
     sender: http1::SendRequest<Body>,
 }
 
-impl Lent {
-    /// Gives the connection back to `live`'s idle ones, its response read to the end.
-    pub fn give_back(self, live: &Live) {
-        live.http1.put(self);
-    }
-}
-
 /// Why an instance gave no response.
 #[derive(Debug)]
 pub(super) enum SendError {
@@ -267,7 +260,6 @@ struct Idle {
 }
 
 impl IdleConnections {
-    /// An idle connection to `authority` that takes a request now, if there is one.
     /// An idle connection to `authority` that takes a request now, and how long it sat
     /// unused, if there is one.
     fn take(
@@ -307,7 +299,8 @@ impl IdleConnections {
         });
     }
 
-    fn put(&self, lent: Lent) {
+    /// Takes back a connection whose response was read to its end.
+    pub(super) fn put(&self, lent: Lent) {
         if lent.sender.is_closed() {
             return;
         }
@@ -322,7 +315,7 @@ impl IdleConnections {
 /// and again once it has closed or the instance has moved to another address.
 #[derive(Debug, Default)]
 pub struct SharedConnection {
-    current: Mutex<Option<Shared>>,
+    current: Mutex<Option<Current>>,
     /// Held while connecting, so that the requests that find no connection wait for the
     /// one under way rather than each opening its own.
     connecting: tokio::sync::Mutex<()>,
@@ -331,8 +324,9 @@ pub struct SharedConnection {
     failed: Mutex<Option<Failed>>,
 }
 
+/// The connection in use, where it leads and when a request last took it.
 #[derive(Debug)]
-struct Shared {
+struct Current {
     authority: Authority,
     sender: http2::SendRequest<Body>,
     last_used: Instant,
@@ -378,7 +372,7 @@ impl SharedConnection {
         };
         match within(connect_timeout, handshake).await {
             Ok(sender) => {
-                *lock(&self.current) = Some(Shared {
+                *lock(&self.current) = Some(Current {
                     authority: authority.clone(),
                     sender: sender.clone(),
                     last_used: Instant::now(),
@@ -399,19 +393,19 @@ impl SharedConnection {
     /// The connection to `authority`, if there is one that takes requests.
     fn ready(&self, authority: &Authority) -> Option<http2::SendRequest<Body>> {
         let mut current = lock(&self.current);
-        let shared = current
+        let current = current
             .as_mut()
-            .filter(|shared| shared.authority == *authority && shared.sender.is_ready())?;
-        shared.last_used = Instant::now();
-        Some(shared.sender.clone())
+            .filter(|current| current.authority == *authority && current.sender.is_ready())?;
+        current.last_used = Instant::now();
+        Some(current.sender.clone())
     }
 
     /// Lets the connection go (it closes once the requests on it are done) if it was
     /// unused for `idle_timeout`, or leads to an address other than `authority`.
     fn close_idle(&self, authority: &Authority, idle_timeout: Duration) {
         let mut current = lock(&self.current);
-        if current.as_ref().is_some_and(|shared| {
-            shared.authority != *authority || shared.last_used.elapsed() >= idle_timeout
+        if current.as_ref().is_some_and(|current| {
+            current.authority != *authority || current.last_used.elapsed() >= idle_timeout
         }) {
             *current = None;
         }

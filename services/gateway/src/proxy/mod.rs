@@ -117,7 +117,7 @@ impl InFlight {
     /// The response has been read whole: its connection can take another request.
     fn done(mut self) {
         if let Some(lent) = self.lent.take() {
-            lent.give_back(&self.live);
+            self.live.http1.put(lent);
         }
     }
 }
@@ -383,15 +383,15 @@ fn upstream_request(
             // instance's address (without port 80, as URIs leave it out), as HTTP/1.1
             // requires one.
             *request.uri_mut() = Uri::from(path_and_query);
-            let authority = &endpoint.authority;
-            let host = match authority.port_u16() {
-                Some(80) => authority.host(),
-                _ => authority.as_str(),
-            };
-            if !request.headers().contains_key(header::HOST)
-                && let Ok(host) = HeaderValue::from_str(host)
-            {
-                request.headers_mut().insert(header::HOST, host);
+            if !request.headers().contains_key(header::HOST) {
+                let authority = &endpoint.authority;
+                let host = match authority.port_u16() {
+                    Some(80) => authority.host(),
+                    _ => authority.as_str(),
+                };
+                if let Ok(host) = HeaderValue::from_str(host) {
+                    request.headers_mut().insert(header::HOST, host);
+                }
             }
         }
         UpstreamProtocol::H2c => {
