@@ -21,6 +21,25 @@ fn required_env(var: &str) -> String {
     })
 }
 
+/// A port whose connection attempts hang until they time out, as to a host gone dark:
+/// its listener's queue is full and it never accepts. Keep what it returns alive.
+pub async fn dark_port() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut queued = Vec::new();
+    loop {
+        let attempt = tokio::net::TcpStream::connect(("127.0.0.1", port));
+        match tokio::time::timeout(std::time::Duration::from_millis(300), attempt).await {
+            Ok(Ok(stream)) => queued.push(stream),
+            Ok(Err(error)) => panic!("the dark port refused a connection: {error}"),
+            Err(_) => return (listener, queued, port),
+        }
+        assert!(queued.len() < 64, "the listener's queue never filled");
+    }
+}
+
 /// The suite's Redis server.
 pub fn redis_url() -> String {
     required_env(testkit::env::REDIS_URL)

@@ -135,7 +135,8 @@ pub async fn run(
     });
     let _ = shared_for_ready.set(shared.clone());
     sync::rebuild(&shared, &BTreeMap::new(), "start");
-    let follower = tokio::spawn(sync::follow(shared.clone(), source, event_metrics));
+    let subscription = sync::subscribe(&shared, event_metrics)?;
+    let follower = tokio::spawn(sync::follow(shared.clone(), source, subscription));
 
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;

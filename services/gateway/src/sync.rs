@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use common::api::{Channel, Event, Instance};
 use common::client::{ClientError, HttpClient};
 use common::secret::Secret;
-use events::{EventMetrics, Signal};
+use events::{EventMetrics, EventsError, Signal, Subscription};
 
 use crate::Shared;
 use crate::table::Table;
@@ -34,20 +34,20 @@ impl Source {
     }
 }
 
-/// Follows the registry until the process ends.
-pub async fn follow(shared: Arc<Shared>, source: Option<Source>, metrics: EventMetrics) {
-    let mut subscription = match events::subscribe(
+/// Subscribes to the registry's, the monitor's and the vault's events, and to the resync
+/// timer. Called before the gateway serves: a gateway that cannot follow the registry
+/// would route from a table that never changes, so it does not start.
+pub fn subscribe(shared: &Shared, metrics: EventMetrics) -> Result<Subscription, EventsError> {
+    events::subscribe(
         shared.config.common.redis_url.as_ref(),
         &[Channel::Registry, Channel::Health, Channel::Vault],
         shared.config.common.resync_interval,
         metrics,
-    ) {
-        Ok(subscription) => subscription,
-        Err(error) => {
-            tracing::error!(%error, "cannot follow the registry; the route table stays as it is");
-            return;
-        }
-    };
+    )
+}
+
+/// Follows the registry until the process ends.
+pub async fn follow(shared: Arc<Shared>, source: Option<Source>, mut subscription: Subscription) {
     let mut instances: BTreeMap<String, Instance> = BTreeMap::new();
     while let Some(signal) = subscription.next().await {
         let changed = match signal {

@@ -424,7 +424,19 @@ async fn connect(authority: &Authority, timeout: Duration) -> Result<TcpStream, 
             .await
             .map_err(|_| format!("{host} did not resolve within {timeout:?}"))??
             .collect();
-    let mut last_error: BoxError = format!("{host} resolves to no address").into();
+    if addresses.is_empty() {
+        return Err(format!("{host} resolves to no address").into());
+    }
+    connect_to(&addresses, deadline).await
+}
+
+/// A connection to the first of `addresses` that answers, each given an equal share of
+/// the time left until `deadline`.
+async fn connect_to(
+    addresses: &[SocketAddr],
+    deadline: tokio::time::Instant,
+) -> Result<TcpStream, BoxError> {
+    let mut last_error: BoxError = "no address to connect to".into();
     for (tried, address) in addresses.iter().enumerate() {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let share = left / u32::try_from(addresses.len() - tried).unwrap_or(u32::MAX);
@@ -491,5 +503,42 @@ mod tests {
                 assert!(text.starts_with("127.0.0.2:80: "), "{text}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn an_address_gone_dark_leaves_time_for_the_next() {
+        let (_listener, _queued, dark) = common::testing::dark_port().await;
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let refused = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let refused_address = refused.local_addr().unwrap();
+        drop(refused);
+        let addresses = [
+            SocketAddr::from(([127, 0, 0, 1], dark)),
+            refused_address,
+            live.local_addr().unwrap(),
+        ];
+        let started = tokio::time::Instant::now();
+        let stream = connect_to(&addresses, started + Duration::from_secs(3))
+            .await
+            .expect("the last address accepts");
+        assert_eq!(stream.peer_addr().unwrap(), addresses[2]);
+        // The dark address had its third of the time, not all of it (a loopback connect
+        // succeeds even with no time left, so the time taken is what tells).
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+
+        // None answers: the error names the last one tried.
+        let error = connect_to(
+            &addresses[..2],
+            tokio::time::Instant::now() + Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("{refused_address}: ")),
+            "{error}"
+        );
     }
 }

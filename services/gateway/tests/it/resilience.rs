@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::testing::ServiceProcess;
+use common::testing::{ServiceProcess, dark_port};
 use serde_json::json;
 
 use crate::support::{GATEWAY, Stack, Upstream, burst, get, instance_status, metric};
@@ -237,25 +237,6 @@ async fn a_refused_h2c_stream_is_retried_elsewhere_whatever_the_method() {
         .is_some_and(|n| n >= 1.0),
         "{page}"
     );
-}
-
-/// A port whose connection attempts hang until they time out, as to a host gone dark:
-/// its listener's queue is full and it never accepts. Keep what it returns alive.
-async fn dark_port() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>, u16) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = socket.listen(0).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let mut queued = Vec::new();
-    loop {
-        let attempt = tokio::net::TcpStream::connect(("127.0.0.1", port));
-        match tokio::time::timeout(Duration::from_millis(300), attempt).await {
-            Ok(Ok(stream)) => queued.push(stream),
-            Ok(Err(error)) => panic!("the dark port refused a connection: {error}"),
-            Err(_) => return (listener, queued, port),
-        }
-        assert!(queued.len() < 64, "the listener's queue never filled");
-    }
 }
 
 /// The requests that wait for a connection being made to an h2c instance fail with it and
