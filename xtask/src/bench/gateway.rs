@@ -227,6 +227,25 @@ pub fn run(options: &Options) -> Result<()> {
             }
         }
     }
+    // The kernel's TCP work is much the same for every proxy: the user-space CPU per
+    // request tells how lean each one's own code is, and the hyper floor of the same
+    // upstream protocol what the gateway's features cost over hyper alone.
+    let own = |i: usize| totals[i].own_per_request();
+    if let Some(nginx) = own(1) {
+        println!(
+            "own code per request ÷ nginx's, requests per CPU-second ÷ the hyper floor's (same upstream protocol):"
+        );
+        for (i, floor) in [(3, 5), (4, 6)] {
+            if let (Some(gateway), Some(ratio)) = (own(i), per_cpu(i).zip(per_cpu(floor))) {
+                println!(
+                    "  {:<24} {:.2}   {:.2}",
+                    targets[i].0,
+                    gateway / nginx,
+                    ratio.0 / ratio.1
+                );
+            }
+        }
+    }
     println!(
         "p99 gateway {:.2} ms vs nginx {:.2} ms, median round (target: at most nginx's); rounds: gateway {}, nginx {}",
         totals[3].median_p99(),
@@ -283,6 +302,11 @@ impl Total {
             .map(|cpu| self.requests / (cpu.user + cpu.kernel).max(1e-3))
     }
 
+    /// User-space CPU seconds per request: the proxy's own code, without the kernel's.
+    fn own_per_request(&self) -> Option<f64> {
+        self.cpu.map(|cpu| cpu.user / self.requests.max(1.0))
+    }
+
     fn median_p50(&self) -> f64 {
         median(&self.p50s_ms)
     }
@@ -308,7 +332,7 @@ fn print_line(name: &str, total: &Total) {
                 "{:.0} req per CPU-s ({:.2} CPU-s; per request {:.1} µs own code + {:.1} µs kernel)",
                 total.per_cpu_second().unwrap_or_default(),
                 cpu.user + cpu.kernel,
-                cpu.user / requests * 1e6,
+                total.own_per_request().unwrap_or_default() * 1e6,
                 cpu.kernel / requests * 1e6
             )
         },
