@@ -5,7 +5,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -133,7 +133,13 @@ async fn init(env: &Env, out: PathBuf) -> anyhow::Result<()> {
     if db.run(|conn| Ok(store::is_initialized(conn))).await?? {
         bail!("the vault is already initialized; init runs once per database");
     }
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    // The folder holds every control-plane token: only its owner may list it. One that
+    // exists already keeps its mode.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&out)
+        .with_context(|| format!("cannot create {}", out.display()))?;
 
     let signer = SigningKey::generate().context("cannot generate the signing key")?;
     let audit_key = AuditHasher::generate_key().context("cannot generate the audit key")?;

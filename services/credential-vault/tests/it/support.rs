@@ -52,12 +52,16 @@ impl Fixture {
             String::from_utf8_lossy(&init.stderr)
         );
         let stdout = String::from_utf8_lossy(&init.stdout);
+        assert_eq!(
+            mode(&tokens_dir),
+            0o700,
+            "the token folder must be owner-only"
+        );
         let mut tokens = HashMap::new();
         for entry in std::fs::read_dir(&tokens_dir).unwrap() {
             let entry = entry.unwrap();
-            use std::os::unix::fs::PermissionsExt;
-            let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
-            assert_eq!(mode, 0o600, "{} must be owner-only", entry.path().display());
+            let path = entry.path();
+            assert_eq!(mode(&path), 0o600, "{} must be owner-only", path.display());
             let token = std::fs::read_to_string(entry.path()).unwrap();
             assert!(!stdout.contains(&token), "init printed a token");
             let name = entry.file_name().into_string().unwrap();
@@ -130,6 +134,13 @@ pub fn generate_key(path: &std::path::Path) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert_eq!(mode(path), 0o600, "the master key must be owner-only");
+}
+
+/// The permission bits of `path`.
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
 /// A running vault process and a client for it.
