@@ -9,6 +9,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod forwarded;
 pub mod healthcheck;
 pub mod http;
 pub mod hyper_server;

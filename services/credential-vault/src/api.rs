@@ -74,9 +74,19 @@ impl FromRequest for RequestContext {
             .get::<RequestId>()
             .map(|id| id.0.clone())
             .unwrap_or_default();
-        let client_addr = req
-            .peer_addr()
-            .map_or_else(|| "unknown".to_owned(), |addr| addr.ip().to_string());
+        let client_addr = req.peer_addr().map_or_else(
+            || "unknown".to_owned(),
+            |peer| {
+                let forwarded = req.headers().get_all("x-forwarded-for");
+                req.app_data::<VaultData>()
+                    .map_or(peer.ip(), |vault| {
+                        vault
+                            .trusted_proxies
+                            .client(peer.ip(), forwarded.map(|value| value.as_bytes()))
+                    })
+                    .to_string()
+            },
+        );
         let bearer = req.headers().get(header::AUTHORIZATION).map(|value| {
             common::auth::bearer(Some(value.as_bytes()))
                 .map(|token| Secret::new(token.to_owned()))

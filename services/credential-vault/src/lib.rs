@@ -26,6 +26,7 @@ use common::api::{Channel, Event};
 use common::auth::{Jwks, KeySet, SigningKey};
 use common::config::{CommonConfig, ConfigError, DatabaseConfig, Env};
 use common::db::{Db, Migrations};
+use common::forwarded::TrustedProxies;
 use common::http::ServerSettings;
 use common::readiness::Readiness;
 use common::secret::Secret;
@@ -62,6 +63,9 @@ pub struct Config {
     /// `VAULT_CACHE_TTL`: how long a read credential is served from memory (0 turns it
     /// off). Local changes and other vaults' events invalidate sooner.
     pub cache_ttl: Duration,
+    /// `VAULT_TRUSTED_PROXIES`: the proxies (the gateway) whose `X-Forwarded-For` names
+    /// the client in audit records; empty, the TCP peer is the client.
+    pub trusted_proxies: TrustedProxies,
 }
 
 fn master_key(var: &str, text: &Secret<String>) -> Result<MasterKey, ConfigError> {
@@ -106,6 +110,7 @@ impl Config {
             default_grace,
             max_token_ttl,
             cache_ttl: env.duration_or("VAULT_CACHE_TTL", Duration::from_secs(1))?,
+            trusted_proxies: env.or("VAULT_TRUSTED_PROXIES", TrustedProxies::default())?,
         })
     }
 }
@@ -198,6 +203,7 @@ pub async fn run(
         revoked: RwLock::new(HashSet::new()),
         default_grace: config.default_grace,
         max_token_ttl: config.max_token_ttl,
+        trusted_proxies: config.trusted_proxies.clone(),
         snapshots: SnapshotCache::new(config.cache_ttl),
         verified: common::auth::VerifiedTokens::default(),
     });

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::auth::{Claims, Jwks, KeySet, SigningKey, VerifiedTokens, now_unix};
 use common::db::{Db, DbConnection};
+use common::forwarded::TrustedProxies;
 use common::secret::Secret;
 use events::Publisher;
 
@@ -179,6 +180,8 @@ pub struct Vault {
     pub revoked: RwLock<HashSet<String>>,
     pub default_grace: Duration,
     pub max_token_ttl: Duration,
+    /// Whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: TrustedProxies,
     pub snapshots: SnapshotCache,
     pub verified: VerifiedTokens<Identity>,
 }

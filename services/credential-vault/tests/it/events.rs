@@ -269,3 +269,37 @@ both_backends!(metrics_and_audit_filters, |backend| async move {
     assert_eq!(until["records"].as_array().unwrap().len(), 0);
     vault.assert_never_logged(&["metric-s3cret", &payments]);
 });
+
+/// Behind a trusted proxy the audit log names the client that proxy forwarded
+/// (`X-Forwarded-For`, read from the right); from any other peer the header is ignored.
+#[tokio::test]
+async fn audit_records_name_the_client_a_trusted_proxy_forwarded() {
+    let fixture = Fixture::new(common::db::Backend::Sqlite);
+    let admin = fixture.admin().to_owned();
+    // The test connects from 127.0.0.1: trusted in the first run, not in the second.
+    for (trusted, expected) in [("127.0.0.0/8", "203.0.113.9"), ("10.0.0.0/8", "127.0.0.1")] {
+        let vault = fixture
+            .start_with(&[("VAULT_TRUSTED_PROXIES", trusted)])
+            .await;
+        let name = format!("forwarded-{}", trusted.replace(['.', '/'], "-"));
+        let body = json!({ "service": "payments", "name": name, "value": "x" });
+        let request = http::Request::post(vault.process.url("/api/credentials"))
+            .header("authorization", format!("Bearer {admin}"))
+            .header("content-type", "application/json")
+            // The client claims 6.6.6.6; the proxy appended the peer it saw.
+            .header("x-forwarded-for", "6.6.6.6, 203.0.113.9")
+            .body(bytes::Bytes::from(body.to_string()))
+            .unwrap();
+        let created = vault.client.send(request).await.unwrap();
+        assert_eq!(created.status, 201, "{:?}", created.json());
+        let id = created.json()["id"].as_str().unwrap().to_owned();
+        let records = vault
+            .get(&format!("/api/audit?resource=credential:{id}"), &admin)
+            .await
+            .json();
+        assert_eq!(
+            records["records"][0]["client_addr"], expected,
+            "trusting {trusted}"
+        );
+    }
+}

@@ -140,9 +140,14 @@ async fn control_plane_routes_need_a_token_and_revocations_take_hold() {
 
 /// Sends raw bytes and reads the status line's code.
 async fn raw_status(stack: &Stack, request: &[u8]) -> u16 {
-    let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
-        .await
-        .unwrap();
+    raw_status_from(stack, [127, 0, 0, 1], request).await
+}
+
+/// The same from another loopback address.
+async fn raw_status_from(stack: &Stack, from: [u8; 4], request: &[u8]) -> u16 {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((from, 0).into()).unwrap();
+    let mut socket = socket.connect(stack.gateway.addr).await.unwrap();
     socket.write_all(request).await.unwrap();
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
@@ -505,4 +510,34 @@ async fn grpc_clients_get_the_gateways_failures_as_grpc_status() {
         common::problem::CONTENT_TYPE
     );
     assert!(!answer.headers().contains_key("grpc-status"));
+}
+
+/// The stack's vault trusts the gateway's `X-Forwarded-For` (`VAULT_TRUSTED_PROXIES`
+/// 127.0.0.1, as `cargo xtask up` sets it): its audit log names the client behind the
+/// gateway, not the gateway, and not the address the client claimed.
+#[tokio::test]
+async fn the_vaults_audit_log_names_the_client_behind_the_gateway() {
+    let stack = Stack::start(&[]).await;
+    let body = r#"{"service":"payments","name":"via-the-gateway","value":"x"}"#;
+    let request = format!(
+        "POST /api/credentials HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nx-forwarded-for: 6.6.6.6\r\n\r\n{body}",
+        stack.admin(),
+        body.len()
+    );
+    assert_eq!(
+        raw_status_from(&stack, [127, 0, 0, 2], request.as_bytes()).await,
+        201
+    );
+    let audit = stack.get_as("/api/audit?limit=1000", stack.admin()).await;
+    assert_eq!(audit.status, 200);
+    let audit = audit.json();
+    let created: Vec<&Value> = audit["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|record| record["action"] == "credential.create")
+        .collect();
+    assert_eq!(created.len(), 1, "{audit}");
+    assert_eq!(created[0]["client_addr"], "127.0.0.2");
 }

@@ -37,11 +37,10 @@ impl Stack {
     }
 
     async fn start_inner(redis: Option<String>, gateway_env: &[(&str, &str)]) -> Self {
-        let redis_env: Vec<(&str, &str)> = redis
-            .as_deref()
-            .map(|url| vec![("REDIS_URL", url)])
-            .unwrap_or_default();
-        let vault = VaultFixture::start_with(&redis_env).await;
+        // The gateway reaches the vault over loopback, as under `cargo xtask up`.
+        let mut vault_env = vec![("VAULT_TRUSTED_PROXIES", "127.0.0.1")];
+        vault_env.extend(redis.as_deref().map(|url| ("REDIS_URL", url)));
+        let vault = VaultFixture::start_with(&vault_env).await;
         let registry = RegistryFixture::start(&vault, redis.as_deref()).await;
         let client = HttpClient::new(Duration::from_secs(30));
         let gateway =
