@@ -1203,10 +1203,20 @@ async fn audit_records(
     ctx: RequestContext,
     query: web::Query<AuditQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    vault.authorize_admin(&ctx, "audit.read", "audit").await?;
+    const ACTION: &str = "audit.read";
+    let caller = vault.authorize_admin(&ctx, ACTION, "audit").await?;
     let query = query.into_inner();
     let limit = query.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
+    // Who read the log is itself recorded, before the read, as every read is.
+    let outcome = if (1..=1000).contains(&limit) {
+        Outcome::Success
+    } else {
+        Outcome::Invalid
+    };
+    vault
+        .record(&ctx, &caller.actor, ACTION, "audit", outcome)
+        .await?;
+    if outcome == Outcome::Invalid {
         return Err(ApiError::invalid(
             "invalid-limit",
             "limit is between 1 and 1000",
@@ -1233,7 +1243,11 @@ async fn audit_records(
 }
 
 async fn verify_audit(vault: VaultData, ctx: RequestContext) -> Result<HttpResponse, ApiError> {
-    vault.authorize_admin(&ctx, "audit.verify", "audit").await?;
+    const ACTION: &str = "audit.verify";
+    let caller = vault.authorize_admin(&ctx, ACTION, "audit").await?;
+    vault
+        .record(&ctx, &caller.actor, ACTION, "audit", Outcome::Success)
+        .await?;
     let verification: Verification = vault
         .db
         .run({

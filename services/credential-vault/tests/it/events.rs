@@ -267,6 +267,26 @@ both_backends!(metrics_and_audit_filters, |backend| async move {
         .await
         .json();
     assert_eq!(until["records"].as_array().unwrap().len(), 0);
+
+    // Reading the log is on the record too: each read above, a bad limit as invalid, and
+    // this read itself, written before it ran.
+    assert_eq!(vault.get("/api/audit?limit=0", &admin).await.status, 400);
+    let reads = vault.get("/api/audit?resource=audit", &admin).await.json();
+    let reads: Vec<String> = reads["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{}:{}",
+                r["action"].as_str().unwrap(),
+                r["outcome"].as_str().unwrap()
+            )
+        })
+        .collect();
+    let mut expected = vec!["audit.read:success"; 4];
+    expected.extend(["audit.read:invalid", "audit.read:success"]);
+    assert_eq!(reads, expected);
     vault.assert_never_logged(&["metric-s3cret", &payments]);
 });
 
