@@ -1,4 +1,5 @@
-//! The vault's operator subcommands: `generate-master-key`, `init`, `rotate-master-key`.
+//! The vault's operator subcommands: `generate-master-key`, `init`, `rotate-master-key`,
+//! `issue-admin-token`.
 //!
 //! Like `vault operator init`, `init` creates the vault's keys and the first tokens; the
 //! tokens go to files of mode 0600 and nowhere else (never a log, never stdout).
@@ -26,7 +27,8 @@ use crate::{Config, MIGRATIONS, NAME};
 
 pub const USAGE: &str = "  generate-master-key --out FILE     write a new random master key (mode 0600)
   init --out DIR                     create the vault's keys and the first tokens as 0600 files in DIR
-  rotate-master-key --new-key-file FILE   re-wrap every data key and vault key under FILE's key";
+  rotate-master-key --new-key-file FILE   re-wrap every data key and vault key under FILE's key
+  issue-admin-token --out FILE       a new admin token as a 0600 file (the old one expired, leaked or revoked)";
 
 /// How long the tokens `init` makes live; rotate them with `POST /api/tokens` before then.
 const INIT_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -60,6 +62,9 @@ pub fn run(name: &str, args: &[String], env: &Env) -> Option<ExitCode> {
         "init" => flag(args, "--out").and_then(|out| with_runtime(init(env, out))),
         "rotate-master-key" => {
             flag(args, "--new-key-file").and_then(|file| with_runtime(rotate_master_key(env, file)))
+        }
+        "issue-admin-token" => {
+            flag(args, "--out").and_then(|out| with_runtime(issue_admin_token(env, out)))
         }
         _ => return None,
     };
@@ -237,6 +242,57 @@ async fn init(env: &Env, out: PathBuf) -> anyhow::Result<()> {
     for path in &written {
         println!("  {}", path.display());
     }
+    Ok(())
+}
+
+/// A new admin token, for when the one `init` wrote has expired, leaked or been revoked:
+/// the API never mints one (`POST /api/tokens` refuses the admin scope), so only who
+/// holds the master key and reaches the database can, as with `vault operator
+/// generate-root`. Recorded like any issue, by `operator (cli)`; the old token stays
+/// valid until revoked with the new one.
+async fn issue_admin_token(env: &Env, out: PathBuf) -> anyhow::Result<()> {
+    let (config, db) = open_database(env).await?;
+    let keys = crate::load_keys(&db, &config.keyring).await?;
+    let iat = now_unix();
+    let claims = Claims {
+        sub: "admin".into(),
+        scopes: vec![ADMIN_SCOPE.to_owned()],
+        exp: iat + INIT_TOKEN_TTL.as_secs() as i64,
+        iat,
+        jti: uuid::Uuid::new_v4().to_string(),
+    };
+    // The file first, as in `init`: a token recorded but never written would be lost.
+    write_private(&out, keys.signer.sign(&claims).expose().as_bytes())?;
+    let row = crate::api::token_row(&claims);
+    let resource = format!("token:{}", keys.hasher.hash(&claims.jti));
+    let metrics = crate::metrics::VaultMetrics::new(&prometheus::Registry::new())?;
+    let audit = AuditLog::start(db, metrics, keys.hasher)?;
+    let committed = audit
+        .execute(
+            move |conn| store::insert_token(conn, &row),
+            move |result| {
+                let outcome = if result.is_ok() {
+                    Outcome::Success
+                } else {
+                    Outcome::Error
+                };
+                operator_entry("token.issue", &resource, outcome)
+            },
+        )
+        .await;
+    if let Err(error) = committed
+        .map_err(anyhow::Error::from)
+        .and_then(|inner| inner.map_err(anyhow::Error::from))
+    {
+        let _ = std::fs::remove_file(&out);
+        bail!("cannot record the token: {error}");
+    }
+    println!(
+        "wrote an admin token (id {}, expires in {} days) to {} (mode 0600)",
+        claims.jti,
+        INIT_TOKEN_TTL.as_secs() / 86_400,
+        out.display()
+    );
     Ok(())
 }
 

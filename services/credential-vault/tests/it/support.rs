@@ -138,7 +138,7 @@ pub fn generate_key(path: &std::path::Path) {
 }
 
 /// The permission bits of `path`.
-fn mode(path: &std::path::Path) -> u32 {
+pub fn mode(path: &std::path::Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
