@@ -4,9 +4,13 @@
 //! saw to `X-Forwarded-For`, so the header reads `client, proxy1, proxy2` with the peer
 //! being the last proxy. Anyone can write that header, so it is read only from a peer in
 //! the trusted list, and then from the right: each address a trusted proxy vouches for
-//! is the next hop back, until one that is not a trusted proxy, which is the client (what
-//! HashiCorp Vault's `x_forwarded_for_authorized_addrs` and nginx's `set_real_ip_from`
-//! with `real_ip_recursive` do).
+//! is the next hop back, until one that is not a trusted proxy, which is the client. That
+//! is nginx's `set_real_ip_from` with `real_ip_recursive on`; HashiCorp Vault's
+//! `x_forwarded_for_authorized_addrs` also reads the header only from listed peers, but
+//! then skips a fixed number of hops.
+//!
+//! The list must hold the proxies alone: a client whose own address is listed is taken
+//! for a proxy, and the address it wrote into the header for the client.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -23,14 +27,18 @@ struct Block {
     prefix: u8,
 }
 
+/// An IPv4 address that came as IPv4-mapped IPv6 (`::ffff:10.0.0.1`, as a dual-stack
+/// socket reports an IPv4 peer) as the IPv4 address it is.
+fn unmapped(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
+        IpAddr::V4(_) => address,
+    }
+}
+
 impl Block {
     fn contains(self, address: IpAddr) -> bool {
-        // An IPv4 peer may come as an IPv4-mapped IPv6 address on a dual-stack socket.
-        let address = match address {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
-            IpAddr::V4(_) => address,
-        };
-        match (self.network, address) {
+        match (self.network, unmapped(address)) {
             (IpAddr::V4(network), IpAddr::V4(address)) => same_prefix(
                 network.to_bits().into(),
                 address.to_bits().into(),
@@ -47,7 +55,7 @@ impl Block {
 
 /// Whether the top `prefix` of the `width` bits of `a` and `b` agree.
 fn same_prefix(a: u128, b: u128, width: u8, prefix: u8) -> bool {
-    let ignored = u32::from(width - prefix);
+    let ignored = u32::from(width.saturating_sub(prefix));
     a.checked_shr(ignored).unwrap_or(0) == b.checked_shr(ignored).unwrap_or(0)
 }
 
@@ -59,10 +67,10 @@ impl FromStr for Block {
             Some((address, prefix)) => (address, Some(prefix)),
             None => (text, None),
         };
-        let network: IpAddr = address
+        let written: IpAddr = address
             .parse()
             .map_err(|_| format!("{text:?} is not an IP address or CIDR block"))?;
-        let width = if network.is_ipv4() { 32 } else { 128 };
+        let width = if written.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => width,
             Some(prefix) => prefix
@@ -70,6 +78,15 @@ impl FromStr for Block {
                 .ok()
                 .filter(|p| *p <= width)
                 .ok_or_else(|| format!("{text:?}: the prefix length must be 0 to {width}"))?,
+        };
+        // `::ffff:10.0.0.0/104` is 10.0.0.0/8, as the addresses it is matched with are.
+        let network = unmapped(written);
+        let prefix = if network == written {
+            prefix
+        } else {
+            prefix.checked_sub(96).ok_or_else(|| {
+                format!("{text:?}: an IPv4-mapped block needs a prefix of at least 96")
+            })?
         };
         Ok(Self { network, prefix })
     }
@@ -108,24 +125,25 @@ impl TrustedProxies {
         self.0.iter().any(|block| block.contains(address))
     }
 
-    /// The client's address: `peer`, unless `peer` is a trusted proxy, then the last
-    /// address in `forwarded_for` (the `X-Forwarded-For` values, in order) that no
-    /// trusted proxy holds. An entry that is not an IP address ends the walk at the hop
-    /// that wrote it.
-    pub fn client<'a>(
-        &self,
-        peer: IpAddr,
-        forwarded_for: impl Iterator<Item = &'a [u8]>,
-    ) -> IpAddr {
+    /// The client's address: `peer`, unless `peer` is a trusted proxy. Then the
+    /// `forwarded_for` values (the `X-Forwarded-For` lines, in order) are read from the
+    /// right, empty entries skipped, and the first address no trusted proxy holds is the
+    /// client. When every address is a trusted proxy's, the leftmost is; an entry that
+    /// is not an address ends the walk at the hop that wrote it.
+    pub fn client(&self, peer: IpAddr, forwarded_for: &[&[u8]]) -> IpAddr {
         if !self.trusts(peer) {
             return peer;
         }
-        let entries: Vec<&[u8]> = forwarded_for
-            .flat_map(|value| value.split(|b| *b == b','))
+        // Lazily, from the right: the walk mostly ends after an entry or two, however
+        // long the header.
+        let entries = forwarded_for
+            .iter()
+            .rev()
+            .flat_map(|value| value.rsplit(|b| *b == b','))
             .map(<[u8]>::trim_ascii)
-            .collect();
+            .filter(|entry| !entry.is_empty());
         let mut client = peer;
-        for entry in entries.iter().rev() {
+        for entry in entries {
             let Some(address) = parse_address(entry) else {
                 break;
             };
@@ -159,7 +177,8 @@ mod tests {
 
     fn client(trusted: &str, peer: &str, headers: &[&str]) -> IpAddr {
         let trusted: TrustedProxies = trusted.parse().unwrap();
-        trusted.client(ip(peer), headers.iter().map(|h| h.as_bytes()))
+        let lines: Vec<&[u8]> = headers.iter().map(|h| h.as_bytes()).collect();
+        trusted.client(ip(peer), &lines)
     }
 
     #[test]
@@ -226,6 +245,31 @@ mod tests {
         assert!(everything.trusts(ip("8.8.8.8")));
         assert!(!everything.trusts(ip("::1")));
         assert_eq!(trusted.to_string(), "10.0.0.0/8,fd00::/8,192.168.1.1/32");
+    }
+
+    #[test]
+    fn empty_entries_are_skipped_and_mapped_addresses_match() {
+        assert_eq!(
+            client("127.0.0.1", "127.0.0.1", &["1.2.3.4, , 127.0.0.1,"]),
+            ip("1.2.3.4")
+        );
+        // An IPv4 peer on a dual-stack socket.
+        assert_eq!(
+            client("10.0.0.0/8", "::ffff:10.0.0.5", &["1.2.3.4"]),
+            ip("1.2.3.4")
+        );
+        let mapped: TrustedProxies = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert!(mapped.trusts(ip("10.9.9.9")));
+        assert!(!mapped.trusts(ip("11.0.0.1")));
+        assert!("::ffff:10.0.0.0/95".parse::<TrustedProxies>().is_err());
+        let single: TrustedProxies = "2001:db8::1, ::/0".parse().unwrap();
+        assert!(single.trusts(ip("2001:db8::1")));
+        assert!(
+            single.trusts(ip("fe80::1")),
+            "::/0 holds every IPv6 address"
+        );
+        let one: TrustedProxies = "2001:db8::1".parse().unwrap();
+        assert!(!one.trusts(ip("2001:db8::2")));
     }
 
     #[test]

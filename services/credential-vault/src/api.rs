@@ -77,12 +77,14 @@ impl FromRequest for RequestContext {
         let client_addr = req.peer_addr().map_or_else(
             || "unknown".to_owned(),
             |peer| {
-                let forwarded = req.headers().get_all("x-forwarded-for");
+                let forwarded: Vec<&[u8]> = req
+                    .headers()
+                    .get_all("x-forwarded-for")
+                    .map(|value| value.as_bytes())
+                    .collect();
                 req.app_data::<VaultData>()
                     .map_or(peer.ip(), |vault| {
-                        vault
-                            .trusted_proxies
-                            .client(peer.ip(), forwarded.map(|value| value.as_bytes()))
+                        vault.trusted_proxies.client(peer.ip(), &forwarded)
                     })
                     .to_string()
             },

@@ -266,7 +266,7 @@ async fn issue_admin_token(env: &Env, out: PathBuf) -> anyhow::Result<()> {
     let row = crate::api::token_row(&claims);
     let resource = format!("token:{}", keys.hasher.hash(&claims.jti));
     let metrics = crate::metrics::VaultMetrics::new(&prometheus::Registry::new())?;
-    let audit = AuditLog::start(db, metrics, keys.hasher)?;
+    let audit = AuditLog::start(db.clone(), metrics, keys.hasher)?;
     let committed = audit
         .execute(
             move |conn| store::insert_token(conn, &row),
@@ -293,6 +293,23 @@ async fn issue_admin_token(env: &Env, out: PathBuf) -> anyhow::Result<()> {
         INIT_TOKEN_TTL.as_secs() / 86_400,
         out.display()
     );
+    // Ids are no secret (the API returns them); a leaked token is revoked by its id.
+    let new_id = claims.jti;
+    let others = db
+        .run(|conn| Ok(store::live_tokens_of(conn, "admin", Utc::now().naive_utc())))
+        .await??;
+    let others: Vec<_> = others.iter().filter(|row| row.id != new_id).collect();
+    if !others.is_empty() {
+        println!(
+            "admin tokens still valid (revoke one with DELETE /api/tokens/ID and the new token):"
+        );
+        for row in others {
+            println!(
+                "  {} issued {} expires {}",
+                row.id, row.issued_at, row.expires_at
+            );
+        }
+    }
     Ok(())
 }
 

@@ -343,6 +343,21 @@ pub fn revoke_token(
     Ok(existing)
 }
 
+/// The tokens of `subject` that are neither revoked nor expired, oldest first.
+pub fn live_tokens_of(
+    conn: &mut DbConnection,
+    subject: &str,
+    now: NaiveDateTime,
+) -> Result<Vec<TokenRow>, StoreError> {
+    Ok(tokens::table
+        .filter(tokens::subject.eq(subject))
+        .filter(tokens::revoked_at.is_null())
+        .filter(tokens::expires_at.gt(now))
+        .order(tokens::issued_at.asc())
+        .select(TokenRow::as_select())
+        .load(conn)?)
+}
+
 /// Ids of revoked tokens that have not expired yet (expired ones are refused anyway),
 /// with a minute's margin over the clock skew that verifiers tolerate.
 pub fn revoked_tokens(

@@ -35,8 +35,9 @@ impl Source {
 }
 
 /// Subscribes to the registry's, the monitor's and the vault's events, and to the resync
-/// timer. Called before the gateway serves: a gateway that cannot follow the registry
-/// would route from a table that never changes, so it does not start.
+/// timer, before the gateway serves. It fails only on a Redis URL that cannot be used
+/// (which the event publisher refuses earlier); a Redis server that is down is retried
+/// by the subscription, and `/ready` waits for the first load of the routes.
 pub fn subscribe(shared: &Shared, metrics: EventMetrics) -> Result<Subscription, EventsError> {
     events::subscribe(
         shared.config.common.redis_url.as_ref(),

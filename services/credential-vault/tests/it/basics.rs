@@ -81,6 +81,13 @@ async fn an_operator_can_issue_a_new_admin_token_and_revoke_the_old_one() {
     let vault = fixture.start().await;
     let old_admin = fixture.admin();
     let old_id = token_id(old_admin);
+    // The admin tokens still valid are listed by id, to revoke one that leaked.
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains(&format!("  {old_id} issued ")), "{listed}");
+    assert!(
+        !listed.contains(&format!("  {} issued ", token_id(&new_admin))),
+        "{listed}"
+    );
     let revoked = vault
         .call(
             "DELETE",

@@ -268,8 +268,8 @@ both_backends!(metrics_and_audit_filters, |backend| async move {
         .json();
     assert_eq!(until["records"].as_array().unwrap().len(), 0);
 
-    // Reading the log is on the record too: each read above, a bad limit as invalid, and
-    // this read itself, written before it ran.
+    // Reading the log is on the record too: each of the four reads above, a bad limit as
+    // invalid, and this read itself, written before it ran.
     assert_eq!(vault.get("/api/audit?limit=0", &admin).await.status, 400);
     let reads = vault.get("/api/audit?resource=audit", &admin).await.json();
     let reads: Vec<String> = reads["records"]

@@ -500,9 +500,12 @@ pub fn upstream_headers(
             Some(earlier) => format!("{earlier}, {peer}"),
             None => peer.to_string(),
         };
-        if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-            headers.insert(X_FORWARDED_FOR, value);
-        }
+        // Never the client's header alone: without the peer appended, its last entry
+        // would be one the client chose.
+        match HeaderValue::from_str(&forwarded_for) {
+            Ok(value) => headers.insert(X_FORWARDED_FOR, value),
+            Err(_) => headers.remove(X_FORWARDED_FOR),
+        };
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     match host {
