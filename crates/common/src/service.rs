@@ -5,7 +5,7 @@
 //! so that the tests drive the same code.
 
 use std::future::Future;
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
 
 use crate::config::{self, CommonConfig, ConfigError, Env};
@@ -108,6 +108,27 @@ pub fn open_files_limit() -> u64 {
         .map_or(1024, |(soft, _)| soft)
 }
 
+/// How many connections may wait to be accepted. std's `TcpListener::bind` asks for 128,
+/// which a burst of new clients overflows: the kernel then drops their SYNs, and each
+/// tries again a second or more later. 4096 is Linux's default `somaxconn`, which caps
+/// it anyway (nginx asks for 511).
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A listening socket on `addr`, with room for [`LISTEN_BACKLOG`] connections not yet
+/// accepted.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    // As std does on Unix: a restarted service binds again while old connections linger.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
 fn serve<S: Service>(env: &Env) -> ExitCode {
     let config = config::or_exit(S::NAME, S::load(env));
     let common = S::common(&config);
@@ -115,7 +136,7 @@ fn serve<S: Service>(env: &Env) -> ExitCode {
     let open_files = raise_open_files_limit();
     tracing::debug!(open_files, "open files limit");
     let listen_addr = common.listen_addr;
-    let listener = match TcpListener::bind(listen_addr) {
+    let listener = match bind(listen_addr) {
         Ok(listener) => listener,
         Err(error) => {
             tracing::error!(%listen_addr, %error, "cannot listen");
@@ -151,5 +172,31 @@ fn serve<S: Service>(env: &Env) -> ExitCode {
             eprintln!("{}: {error:#}", S::NAME);
             ExitCode::from(EXIT_START)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_burst_of_connections_waits_in_the_backlog() {
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // None is accepted: with std's backlog of 128 the connections past it would
+        // time out, their SYNs dropped. The kernel caps the backlog at `somaxconn`.
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(4096);
+        let burst = somaxconn.min(400);
+        let connected: Vec<_> = (0..burst)
+            .map(|i| {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+                    .unwrap_or_else(|error| panic!("connection {i}: {error}"))
+            })
+            .collect();
+        assert_eq!(connected.len(), burst);
     }
 }
