@@ -113,6 +113,8 @@ struct Load {
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
+    /// wrk's own lines about them, when there were any.
+    error_kinds: String,
 }
 
 fn wrk(url: &str, connections: u32, seconds: u64, headers: &[String]) -> Result<Load> {
@@ -140,13 +142,14 @@ fn wrk(url: &str, connections: u32, seconds: u64, headers: &[String]) -> Result<
             .and_then(|value| parse_duration_ms(&value).or_else(|| value.parse().ok()))
     };
     // `Non-2xx or 3xx responses: N` and `Socket errors: connect A, read B, write C, timeout D`.
-    let errors = out
+    let error_lines: Vec<&str> = out
         .lines()
-        .filter_map(|line| {
-            let line = line.trim();
-            line.strip_prefix("Non-2xx or 3xx responses:")
-                .or_else(|| line.strip_prefix("Socket errors:"))
-        })
+        .map(str::trim)
+        .filter(|line| line.starts_with("Non-2xx") || line.starts_with("Socket errors:"))
+        .collect();
+    let errors = error_lines
+        .iter()
+        .filter_map(|line| line.split_once(':').map(|(_, rest)| rest))
         .flat_map(|rest| {
             rest.split([',', ' '])
                 .filter_map(|word| word.parse::<u64>().ok())
@@ -158,6 +161,7 @@ fn wrk(url: &str, connections: u32, seconds: u64, headers: &[String]) -> Result<
         p50_ms: number("50%").context("wrk printed no p50")?,
         p99_ms: number("99%").context("wrk printed no p99")?,
         errors,
+        error_kinds: error_lines.join("; "),
     })
 }
 

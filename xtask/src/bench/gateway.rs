@@ -257,8 +257,13 @@ pub fn run(options: &Options) -> Result<()> {
     let connections = 10_000;
     let url = &targets[3].1;
     let crowd = wrk(url, connections, options.seconds, &[])?;
+    let kinds = if crowd.error_kinds.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", crowd.error_kinds)
+    };
     println!(
-        "gateway at {connections} concurrent connections: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors (target 0)",
+        "gateway at {connections} concurrent connections: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors{kinds} (target 0)",
         crowd.requests_per_second, crowd.p50_ms, crowd.p99_ms, crowd.errors
     );
     Ok(())
