@@ -12,6 +12,22 @@ use serde_json::json;
 
 use crate::support::Fixture;
 
+/// `action:outcome` of each record in an answer of `GET /api/audit`.
+fn actions_of(answer: &serde_json::Value) -> Vec<String> {
+    answer["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{}:{}",
+                r["action"].as_str().unwrap(),
+                r["outcome"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
 async fn next_vault_event(
     subscription: &mut Subscription,
     wanted: impl Fn(&Event) -> bool,
@@ -222,18 +238,7 @@ both_backends!(metrics_and_audit_filters, |backend| async move {
         .get(&format!("/api/audit?resource={resource}"), &admin)
         .await
         .json();
-    let actions: Vec<_> = records["records"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            format!(
-                "{}:{}",
-                r["action"].as_str().unwrap(),
-                r["outcome"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let actions = actions_of(&records);
     assert_eq!(
         actions,
         [
@@ -271,19 +276,7 @@ both_backends!(metrics_and_audit_filters, |backend| async move {
     // Reading the log is on the record too: each of the four reads above, a bad limit as
     // invalid, and this read itself, written before it ran.
     assert_eq!(vault.get("/api/audit?limit=0", &admin).await.status, 400);
-    let reads = vault.get("/api/audit?resource=audit", &admin).await.json();
-    let reads: Vec<String> = reads["records"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            format!(
-                "{}:{}",
-                r["action"].as_str().unwrap(),
-                r["outcome"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let reads = actions_of(&vault.get("/api/audit?resource=audit", &admin).await.json());
     let mut expected = vec!["audit.read:success"; 4];
     expected.extend(["audit.read:invalid", "audit.read:success"]);
     assert_eq!(reads, expected);
