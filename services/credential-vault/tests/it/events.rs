@@ -314,5 +314,11 @@ async fn audit_records_name_the_client_a_trusted_proxy_forwarded() {
             records["records"][0]["client_addr"], expected,
             "trusting {trusted}"
         );
+        // The list is logged at start, so that an operator sees whom the vault believes.
+        let output = vault.process.output();
+        assert!(
+            output.contains("X-Forwarded-For is read from these peers") && output.contains(trusted),
+            "{output}"
+        );
     }
 }
