@@ -16,7 +16,7 @@ use common::hyper_server::{Body, BoxError};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -57,11 +57,9 @@ impl RequestBody {
 
     fn take(&mut self) -> Body {
         match std::mem::replace(self, Self::Empty) {
-            Self::Empty => Empty::new().map_err(|never| match never {}).boxed(),
+            Self::Empty => empty(),
             Self::Bytes(bytes) => {
-                let body = Full::new(bytes.clone())
-                    .map_err(|never| match never {})
-                    .boxed();
+                let body = common::hyper_server::full(bytes.clone());
                 *self = Self::Bytes(bytes);
                 body
             }
@@ -198,7 +196,8 @@ pub async fn forward(
             outgoing.headers.clone()
         };
         let request = upstream_request(&outgoing, endpoint, protocol, headers, body)?;
-        let started = Instant::now();
+        // The clock read for the pick serves: building the request took well under a µs.
+        let started = now;
         // The wait for a free connection slot counts against the request's timeout.
         let answer = tokio::time::timeout(policy.timeout, async {
             let slot = endpoint.live.slots.clone().acquire_owned().await.ok()?;

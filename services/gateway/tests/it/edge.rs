@@ -168,9 +168,7 @@ async fn raw_status_from(stack: &Stack, from: [u8; 4], request: &[u8]) -> u16 {
 #[tokio::test]
 async fn bad_input_gets_a_4xx_never_a_crash() {
     let stack = Stack::start(&[]).await;
-    let echo = Upstream::start("echo").await;
-    stack.register("echo", "e-1", echo.port, json!({})).await;
-    stack.wait_for("/echo/x", 200).await;
+    let _echo = stack.serve("echo", "e-1").await;
     let long_path = format!("GET /echo/{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(9000));
     let huge_header = format!(
         "GET /echo/x HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
@@ -314,9 +312,7 @@ async fn the_status_page_and_the_proxy_endpoint() {
 #[tokio::test]
 async fn http2_clients_are_served_too() {
     let stack = Stack::start(&[]).await;
-    let echo = Upstream::start("echo").await;
-    stack.register("echo", "e-1", echo.port, json!({})).await;
-    stack.wait_for("/echo/x", 200).await;
+    let echo = stack.serve("echo", "e-1").await;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .build_http::<http_body_util::Full<bytes::Bytes>>();
@@ -372,9 +368,7 @@ async fn access_line(gateway: &common::testing::ServiceProcess, id: &str) -> Opt
 #[tokio::test]
 async fn every_request_gets_one_access_line_and_its_metrics() {
     let stack = Stack::start(&[]).await;
-    let echo = Upstream::start("echo").await;
-    stack.register("echo", "e-1", echo.port, json!({})).await;
-    stack.wait_for("/echo/x", 200).await;
+    let _echo = stack.serve("echo", "e-1").await;
 
     let request = http::Request::get(stack.gateway.url("/echo/thing?secret=s3cret"))
         .header("x-request-id", "access-line-1")

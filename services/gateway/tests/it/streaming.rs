@@ -25,9 +25,7 @@ fn peak_rss(pid: u32) -> u64 {
 #[tokio::test]
 async fn ten_mib_each_way_stream_through_in_little_memory() {
     let stack = Stack::start(&[("MAX_BODY_BYTES", "16777216")]).await;
-    let files = Upstream::start("files").await;
-    stack.register("files", "f-1", files.port, json!({})).await;
-    stack.wait_for("/files/x", 200).await;
+    let files = stack.serve("files", "f-1").await;
     let client: Client<_, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
 
@@ -182,9 +180,7 @@ async fn open_websocket(stack: &Stack, path: &str) -> tokio::net::TcpStream {
 #[tokio::test]
 async fn an_upgraded_connection_survives_route_changes() {
     let stack = Stack::start(&[]).await;
-    let chat = Upstream::start("chat").await;
-    stack.register("chat", "c-1", chat.port, json!({})).await;
-    stack.wait_for("/chat/x", 200).await;
+    let _chat = stack.serve("chat", "c-1").await;
 
     let mut socket = open_websocket(&stack, "/chat/ws").await;
     socket.write_all(b"hello").await.unwrap();
@@ -352,11 +348,7 @@ async fn an_http1_connection_follows_its_instance_to_a_new_address() {
 #[tokio::test]
 async fn http1_connections_are_reused_only_after_a_whole_response() {
     let stack = Stack::start(&[]).await;
-    let upstream = Upstream::start("keep").await;
-    stack
-        .register("keep", "k-1", upstream.port, json!({}))
-        .await;
-    stack.wait_for("/keep/x", 200).await;
+    let upstream = stack.serve("keep", "k-1").await;
     let connections = || {
         upstream
             .connections
@@ -436,11 +428,7 @@ async fn idle_connections_close(protocol: &str) {
         ("UPSTREAM_PROTOCOL", protocol),
     ])
     .await;
-    let upstream = Upstream::start("idle").await;
-    stack
-        .register("idle", "i-1", upstream.port, json!({}))
-        .await;
-    stack.wait_for("/idle/x", 200).await;
+    let upstream = stack.serve("idle", "i-1").await;
     let count =
         |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -477,11 +465,7 @@ async fn idle_connections_close(protocol: &str) {
 #[tokio::test]
 async fn an_upload_that_expects_100_continue_goes_through() {
     let stack = Stack::start(&[]).await;
-    let upstream = Upstream::start("files").await;
-    stack
-        .register("files", "f-1", upstream.port, json!({}))
-        .await;
-    stack.wait_for("/files/x", 200).await;
+    let _upstream = stack.serve("files", "f-1").await;
     let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
         .await
         .unwrap();

@@ -112,6 +112,15 @@ impl Stack {
     }
 
     /// Waits until `GET path` through the gateway answers `status`.
+    /// Starts an upstream named `service`, registers it as instance `id` of `service`
+    /// and waits until `/{service}/x` answers 200 through the gateway.
+    pub async fn serve(&self, service: &'static str, id: &str) -> Upstream {
+        let upstream = Upstream::start(service).await;
+        self.register(service, id, upstream.port, json!({})).await;
+        self.wait_for(&format!("/{service}/x"), 200).await;
+        upstream
+    }
+
     pub async fn wait_for(&self, path: &str, status: u16) -> Duration {
         wait_for(&self.client, &self.gateway, path, status).await
     }
