@@ -227,7 +227,7 @@ pub async fn forward(
                 } else {
                     Outcome::Success
                 };
-                record(cx, pool, endpoint, admission, outcome);
+                record(cx, pool, endpoint, admission, outcome, started + elapsed);
                 pool.metrics.upstream(
                     if status.is_server_error() {
                         Attempt::Status5xx
@@ -272,7 +272,7 @@ pub async fn forward(
                 } else {
                     Outcome::Failure
                 };
-                record(cx, pool, endpoint, admission, outcome);
+                record(cx, pool, endpoint, admission, outcome, started + elapsed);
                 pool.metrics.upstream(
                     if connect {
                         Attempt::Connect
@@ -312,7 +312,14 @@ pub async fn forward(
                 failure
             }
             Err(_) => {
-                record(cx, pool, endpoint, admission, Outcome::Failure);
+                record(
+                    cx,
+                    pool,
+                    endpoint,
+                    admission,
+                    Outcome::Failure,
+                    started + elapsed,
+                );
                 pool.metrics.upstream(Attempt::Timeout, elapsed);
                 return Err(GatewayError::Timeout {
                     service: service.to_owned(),
@@ -344,14 +351,12 @@ fn record(
     endpoint: &Endpoint,
     admission: Admission,
     outcome: Outcome,
+    now: Instant,
 ) {
     if outcome != Outcome::Success {
         endpoint.live.failures.fetch_add(1, Ordering::Relaxed);
     }
-    let transition = endpoint
-        .live
-        .breaker()
-        .record(admission, outcome, Instant::now());
+    let transition = endpoint.live.breaker().record(admission, outcome, now);
     if let Some(state) = transition {
         tracing::info!(
             service = &*pool.service,
@@ -412,9 +417,30 @@ fn upstream_request(
                     .headers_mut()
                     .insert(header::TE, HeaderValue::from_static("trailers"));
             }
+            never_indexed(request.headers_mut(), &UNIQUE_PER_REQUEST);
         }
     }
     Ok(request)
+}
+
+/// Headers whose values differ on every request. In HPACK's dynamic table they would
+/// never be matched, and each would push out entries that are (the `X-Forwarded-*`
+/// values, a client's user agent), so that those had to be sent in full again.
+const UNIQUE_PER_REQUEST: [HeaderName; 2] = [
+    HeaderName::from_static(common::telemetry::REQUEST_ID_HEADER),
+    HeaderName::from_static("traceparent"),
+];
+
+/// Marks the values of `names` sensitive, which HTTP/2 sends as never-indexed literals
+/// (RFC 7541 §6.2.3): they take no place in the connection's compression table.
+fn never_indexed(headers: &mut HeaderMap, names: &[HeaderName]) {
+    for name in names {
+        if let header::Entry::Occupied(mut entry) = headers.entry(name) {
+            for value in entry.iter_mut() {
+                value.set_sensitive(true);
+            }
+        }
+    }
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), which describe one connection, not the message.
@@ -614,6 +640,58 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn h2c_sends_the_values_unique_to_a_request_never_indexed() {
+        let table = crate::table::Table::build(
+            &std::collections::BTreeMap::new(),
+            &[crate::table::StaticUpstream {
+                service: "shop",
+                authority: http::uri::Authority::from_static("127.0.0.1:9000"),
+            }],
+            &crate::table::Table::default(),
+            &crate::table::PoolSettings::default(),
+            &GatewayMetrics::new(&prometheus::Registry::new()).unwrap(),
+        );
+        let endpoint = &table.pool("shop").unwrap().endpoints[0];
+        let outgoing = Outgoing {
+            method: Method::GET,
+            path_and_query: "/items?page=2".into(),
+            headers: HeaderMap::new(),
+            body: RequestBody::Empty,
+            upgrade: None,
+            accepts_trailers: false,
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("x-request-id", HeaderValue::from_static("r-1"));
+        headers.append("traceparent", HeaderValue::from_static("00-a-b-01"));
+        headers.append("traceparent", HeaderValue::from_static("00-c-d-01"));
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        let sensitive = |protocol| {
+            let request =
+                upstream_request(&outgoing, endpoint, protocol, headers.clone(), empty()).unwrap();
+            let mut marked: Vec<(String, bool)> = request
+                .headers()
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.is_sensitive()))
+                .collect();
+            marked.sort();
+            marked
+        };
+        let expected = |unique: bool| {
+            vec![
+                ("traceparent".to_owned(), unique),
+                ("traceparent".to_owned(), unique),
+                ("x-forwarded-proto".to_owned(), false),
+                ("x-request-id".to_owned(), unique),
+            ]
+        };
+        assert_eq!(sensitive(UpstreamProtocol::H2c), expected(true));
+        // HTTP/1.1 has no compression table; the values go as they came (with a Host).
+        let mut http1 = expected(false);
+        http1.insert(0, ("host".to_owned(), false));
+        assert_eq!(sensitive(UpstreamProtocol::Http1), http1);
+    }
 
     #[test]
     fn te_trailers_is_found_among_other_codings() {
