@@ -444,6 +444,8 @@ fn never_indexed(headers: &mut HeaderMap, names: &[HeaderName]) {
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), which describe one connection, not the message.
+/// `Connection` first: [`strip_hop_by_hop`] reads its mark there.
+/// At most 16: [`strip_hop_by_hop`] marks them in a `u16`.
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -482,27 +484,47 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers, and those the `Connection` header names. With `upgrade`,
 /// `Connection: upgrade` and `Upgrade` stay: they are the point of the request.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // Most requests carry none: one pass over the few names present says so, rather
-    // than a lookup for each of the nine. `Connection` is among them, so a header it
-    // names is never missed.
-    if !headers
-        .keys()
-        .any(|name| *name == header::UPGRADE || HOP_BY_HOP.contains(name))
-    {
-        return;
+    // One pass over the few names present marks the hop-by-hop ones (a bit each, in
+    // HOP_BY_HOP's order, `Connection`'s the lowest), so that only those are looked up
+    // again to go. Most requests carry none; most responses only `Connection: keep-alive`.
+    let mut present: u16 = 0;
+    let mut upgrade_present = false;
+    for name in headers.keys() {
+        if let Some(index) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << index;
+        } else if *name == header::UPGRADE {
+            upgrade_present = true;
+        }
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    let upgrade_value = headers.get(header::UPGRADE).cloned();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    // What `Connection` names is mostly hop-by-hop itself (`keep-alive`, `upgrade`) or no
+    // header at all (`close`): those need no list, and so no allocation.
+    let named: Vec<HeaderName> = if present & 1 != 0 {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .filter(|name| {
+                *name != header::UPGRADE && !HOP_BY_HOP.contains(name) && headers.contains_key(name)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for name in &named {
         headers.remove(name);
     }
-    headers.remove(header::UPGRADE);
+    for (index, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << index) != 0 {
+            headers.remove(name);
+        }
+    }
+    let upgrade_value = if upgrade_present {
+        headers.remove(header::UPGRADE)
+    } else {
+        None
+    };
     if upgrade && let Some(value) = upgrade_value {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, value);
