@@ -77,7 +77,7 @@ impl GatewayMetrics {
                         "concierge_gateway_circuit_state",
                         "Circuit-breaker state per instance: 0 closed, 1 half-open, 2 open.",
                     ),
-                    &["service", "instance"],
+                    &["service", "instance_id"],
                 )?,
             )?,
             circuit_transitions: counter(

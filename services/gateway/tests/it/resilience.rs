@@ -112,7 +112,7 @@ async fn killed_instance(protocol: &str) {
     assert_eq!(
         metric(
             &page,
-            r#"concierge_gateway_circuit_state{instance="e-1",service="echo"}"#
+            r#"concierge_gateway_circuit_state{instance_id="e-1",service="echo"}"#
         ),
         Some(2.0)
     );
@@ -133,7 +133,7 @@ async fn a_circuit_opens_half_opens_and_closes_with_its_metric() {
         let page = get(&stack.client, &stack.gateway, "/metrics", None).await;
         metric(
             &String::from_utf8_lossy(&page.body),
-            r#"concierge_gateway_circuit_state{instance="f-1",service="flaky"}"#,
+            r#"concierge_gateway_circuit_state{instance_id="f-1",service="flaky"}"#,
         )
     };
     assert_eq!(state().await, Some(0.0));
