@@ -476,10 +476,32 @@ impl VaultFixture {
 
     /// A service token for `service`, issued by the admin.
     pub async fn issue(&self, service: &str) -> String {
+        self.issue_with_id(service).await.1
+    }
+
+    /// A service token for `service`, issued by the admin, after its id.
+    pub async fn issue_with_id(&self, service: &str) -> (String, String) {
         let issued = self
             .admin_post("/api/tokens", serde_json::json!({ "service": service }))
             .await;
-        issued["token"].as_str().unwrap().to_owned()
+        (
+            issued["id"].as_str().unwrap().to_owned(),
+            issued["token"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// Revokes the token `id`, as the admin.
+    pub async fn revoke(&self, id: &str) {
+        let url = self.process.url(&format!("/api/tokens/{id}"));
+        let answer = send_json(
+            &self.client,
+            "DELETE",
+            &url,
+            Some(self.token("admin")),
+            None,
+        )
+        .await;
+        assert!(answer.status.is_success(), "revoke: {:?}", answer.json());
     }
 
     /// Rotates a credential to `value`.

@@ -18,7 +18,7 @@ pub const HEALTH_READ_SCOPE: &str = "health:read";
 #[derive(Debug)]
 pub struct Api {
     pub monitor: Arc<Monitor>,
-    pub auth: Authenticator,
+    pub auth: Arc<Authenticator>,
 }
 
 #[derive(Debug, thiserror::Error)]

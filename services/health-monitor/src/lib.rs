@@ -21,14 +21,17 @@ pub mod tracker;
 
 use std::future::Future;
 use std::net::TcpListener;
+use std::sync::Arc;
 
 use anyhow::Context;
+use common::api::{Channel, Event};
+use common::auth::Authenticator;
 use common::config::{CommonConfig, ConfigError, Env};
 use common::db::{Db, Migrations};
 use common::http::ServerSettings;
 use common::readiness::Readiness;
 use diesel_migrations::embed_migrations;
-use events::{EventMetrics, Publisher};
+use events::{EventMetrics, Publisher, Signal};
 
 pub const NAME: &str = common::api::services::HEALTH_MONITOR;
 pub const DEFAULT_PORT: u16 = 8083;
@@ -62,10 +65,20 @@ pub async fn run(
     )?;
     let readiness = publisher.add_readiness_check(Readiness::new().with_db(db.clone()));
     let settings = ServerSettings::new(&config.common, registry.clone(), readiness);
-    let auth = common::auth::Authenticator::new(&config.vault_url, config.common.token.clone());
+    let auth = Arc::new(Authenticator::new(
+        &config.vault_url,
+        config.common.token.clone(),
+    ));
+    let revocations = events::subscribe(
+        config.common.redis_url.as_ref(),
+        &[Channel::Vault],
+        config.common.resync_interval,
+        event_metrics.clone(),
+    )?;
     let metrics = metrics::MonitorMetrics::new(&registry)?;
     let monitor = monitor::Monitor::new(config, db, metrics).await?;
-    let tasks = monitor.start(event_metrics);
+    let mut tasks = monitor.start(event_metrics);
+    tasks.push(tokio::spawn(follow_revocations(auth.clone(), revocations)));
     let state = actix_web::web::Data::new(api::Api {
         monitor: monitor.clone(),
         auth,
@@ -86,6 +99,25 @@ pub async fn run(
     monitor.leave().await;
     served?;
     Ok(())
+}
+
+/// Keeps `auth`'s revoked tokens current: each revocation the vault announces, and the
+/// whole list again on every resync (at the start too), for the ones missed.
+async fn follow_revocations(auth: Arc<Authenticator>, mut subscription: events::Subscription) {
+    while let Some(signal) = subscription.next().await {
+        match signal {
+            Signal::Event(envelope) => {
+                if let Event::TokenRevoked { id } = envelope.event {
+                    auth.mark_revoked(id);
+                }
+            }
+            Signal::Resync(_) => {
+                if let Err(error) = auth.reload_revoked().await {
+                    tracing::warn!(%error, "cannot reload the revoked tokens; will retry");
+                }
+            }
+        }
+    }
 }
 
 /// The health-monitor as `main` runs it.

@@ -7,3 +7,4 @@ mod containers;
 mod scale;
 mod support;
 mod tls;
+mod tokens;
