@@ -56,14 +56,20 @@ pub struct HttpClient {
     timeout: Duration,
 }
 
+/// How long an idle connection stays in the pool.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
 impl HttpClient {
     pub fn new(timeout: Duration) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeout));
         connector.set_nodelay(true);
         Self {
+            // Below the servers' keep-alive (actix-web's 5 s): a connection the server
+            // is closing at that moment is never picked for a request, which would then
+            // fail half-sent.
             inner: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
                 .build(connector),
             timeout,
         }

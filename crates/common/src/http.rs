@@ -102,6 +102,14 @@ impl ServerSettings {
     }
 }
 
+/// How long a client's connection may sit idle between requests (actix-web's default,
+/// stated). Our own clients let theirs go sooner: see [`crate::client::POOL_IDLE_TIMEOUT`].
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+const _: () = assert!(
+    crate::client::POOL_IDLE_TIMEOUT.as_millis() < KEEP_ALIVE.as_millis(),
+    "a pooled connection must be dropped before the server closes it"
+);
+
 /// Serves `configure`'s routes plus the shared ones on `listener` until `shutdown`
 /// resolves, then lets in-flight requests finish within `shutdown_timeout`.
 pub async fn serve<C, S>(
@@ -143,6 +151,7 @@ where
             .default_service(web::to(not_found))
     })
     .workers(settings.workers)
+    .keep_alive(KEEP_ALIVE)
     .shutdown_timeout(settings.shutdown_timeout.as_secs().max(1))
     .shutdown_signal(shutdown)
     .listen(listener)?
