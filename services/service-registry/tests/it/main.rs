@@ -6,3 +6,4 @@ mod extras;
 mod flow;
 mod openapi;
 mod support;
+mod tokens;

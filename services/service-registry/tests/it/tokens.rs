@@ -1,0 +1,47 @@
+//! Tokens at the registry: a revoked one is refused, learned from the vault's event with
+//! Redis and from reconciliation without (DESIGN.md, "Identity and access").
+
+use std::time::{Duration, Instant};
+
+use common::testing::{TestDb, VaultFixture};
+
+use crate::support::Registry;
+
+/// How long a revoked token kept working at the registry.
+async fn refused_after_revocation(vault: &VaultFixture, registry: &Registry) -> Duration {
+    let (id, token) = vault.issue_with_id("orders").await;
+    assert_eq!(registry.get("/api/services", &token).await.status, 200);
+    vault.revoke(&id).await;
+    let revoked = Instant::now();
+    while registry.get("/api/services", &token).await.status != 401 {
+        assert!(
+            revoked.elapsed() < Duration::from_secs(10),
+            "the registry still accepts a token revoked {:?} ago",
+            revoked.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    revoked.elapsed()
+}
+
+#[tokio::test]
+async fn a_revoked_token_is_refused_at_once_with_redis_and_within_a_resync_without() {
+    // A resync far off: only the vault's event can explain a quick refusal.
+    let redis = common::testing::redis_url();
+    let vault = VaultFixture::start_with(&[("REDIS_URL", &redis)]).await;
+    let db = TestDb::sqlite();
+    let registry = Registry::start(
+        &vault,
+        &db.url,
+        &[("REDIS_URL", &redis), ("RESYNC_INTERVAL", "60s")],
+    )
+    .await;
+    let took = refused_after_revocation(&vault, &registry).await;
+    assert!(took < Duration::from_secs(2), "with Redis: {took:?}");
+
+    let vault = VaultFixture::start().await;
+    let db = TestDb::sqlite();
+    let registry = Registry::start(&vault, &db.url, &[("RESYNC_INTERVAL", "1s")]).await;
+    let took = refused_after_revocation(&vault, &registry).await;
+    assert!(took < Duration::from_secs(5), "without Redis: {took:?}");
+}
