@@ -312,19 +312,31 @@ impl JwksVerifier {
         if last.is_some_and(|at| at.elapsed() < self.min_refetch) {
             return Ok(());
         }
+        self.fetch(&mut last).await.map(|_| ())
+    }
+
+    /// Refetches whatever the last fetch (reconciliation, so that a retired key stops
+    /// being trusted); returns whether a key trusted before is gone.
+    pub async fn refresh(&self) -> Result<bool, VerifyError> {
+        let mut last = self.last_fetch.lock().await;
+        self.fetch(&mut last).await
+    }
+
+    async fn fetch(&self, last: &mut Option<Instant>) -> Result<bool, VerifyError> {
         let jwks: Jwks = self
             .client
             .get_json(&self.url)
             .await
             .map_err(|e| VerifyError::KeysUnavailable(e.to_string()))?;
         let keys = KeySet::from_jwks(&jwks);
-        tracing::info!(keys = keys.keys.len(), url = %self.url, "fetched the signing keys");
-        match self.keys.write() {
-            Ok(mut guard) => *guard = keys,
-            Err(poisoned) => *poisoned.into_inner() = keys,
+        let mut current = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        let gone = current.keys.keys().any(|kid| !keys.keys.contains_key(kid));
+        if gone || current.keys.len() != keys.keys.len() {
+            tracing::info!(keys = keys.keys.len(), url = %self.url, "fetched the signing keys");
         }
+        *current = keys;
         *last = Some(Instant::now());
-        Ok(())
+        Ok(gone)
     }
 }
 
@@ -360,6 +372,14 @@ impl<T> VerifiedTokens<T> {
     }
 
     /// Keeps `value` for `token` and hands it back shared.
+    /// Forgets every token: after a key they may have been verified with was retired.
+    pub fn clear(&self) {
+        self.entries
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     pub fn put(&self, token: &str, value: T) -> Arc<T> {
         let value = Arc::new(value);
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
@@ -465,6 +485,16 @@ impl Authenticator {
             Ok(mut set) => set.insert(id),
             Err(poisoned) => poisoned.into_inner().insert(id),
         };
+    }
+
+    /// Reloads the signing keys from the vault's JWKS (reconciliation). Tokens verified
+    /// under a key now gone (retired after a leak) leave the cache, so they are checked,
+    /// and refused, again.
+    pub async fn reload_keys(&self) -> Result<(), VerifyError> {
+        if self.verifier.refresh().await? {
+            self.verified.clear();
+        }
+        Ok(())
     }
 
     /// Reloads the revocation list from the vault (reconciliation); needs the own token.

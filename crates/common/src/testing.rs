@@ -450,6 +450,21 @@ impl VaultFixture {
         self.process.url("")
     }
 
+    /// Runs the operator command `args` (`rotate-signing-key`, say) on the vault's
+    /// database and master key.
+    pub fn operator(&self, args: &[&str]) -> std::process::Output {
+        let binary = workspace_binary("credential-vault");
+        let key = self.dir.path().join("master-key");
+        run_binary(
+            binary.to_str().unwrap(),
+            args,
+            &[
+                ("DATABASE_URL", self._db.url.expose()),
+                ("VAULT_MASTER_KEY_FILE", key.to_str().unwrap()),
+            ],
+        )
+    }
+
     /// A token written by `init`: `admin`, `gateway`, `service-registry`, `health-monitor`.
     pub fn token(&self, name: &str) -> &str {
         &self.tokens[name]

@@ -1186,7 +1186,7 @@ async fn revoked_tokens(vault: VaultData, ctx: RequestContext) -> Result<HttpRes
 async fn jwks(vault: VaultData) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "max-age=60"))
-        .json(&vault.jwks)
+        .json(&vault.signing().jwks)
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,5 +1,5 @@
 //! The vault's operator subcommands: `generate-master-key`, `init`, `rotate-master-key`,
-//! `issue-admin-token`.
+//! `issue-admin-token`, `rotate-signing-key`.
 //!
 //! Like `vault operator init`, `init` creates the vault's keys and the first tokens; the
 //! tokens go to files of mode 0600 and nowhere else (never a log, never stdout).
@@ -28,7 +28,11 @@ use crate::{Config, MIGRATIONS, NAME};
 pub const USAGE: &str = "  generate-master-key --out FILE     write a new random master key (mode 0600)
   init --out DIR                     create the vault's keys and the first tokens as 0600 files in DIR
   rotate-master-key --new-key-file FILE   re-wrap every data key and vault key under FILE's key
-  issue-admin-token --out FILE       a new admin token as a 0600 file (the old one expired, leaked or revoked)";
+  issue-admin-token --out FILE       a new admin token as a 0600 file (the old one expired, leaked or revoked)
+  rotate-signing-key                 a new token signing key; it signs once every vault publishes it
+  rotate-signing-key --retire-previous --out DIR
+                                     the same, the old keys retired at once (leaked), and new
+                                     admin and control-plane tokens as 0600 files in DIR";
 
 /// How long the tokens `init` makes live; rotate them with `POST /api/tokens` before then.
 const INIT_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -66,6 +70,15 @@ pub fn run(name: &str, args: &[String], env: &Env) -> Option<ExitCode> {
         "issue-admin-token" => {
             flag(args, "--out").and_then(|out| with_runtime(issue_admin_token(env, out)))
         }
+        "rotate-signing-key" => match args {
+            [] => with_runtime(rotate_signing_key(env, None)),
+            [retire, flag_name, dir] if retire == "--retire-previous" && flag_name == "--out" => {
+                with_runtime(rotate_signing_key(env, Some(PathBuf::from(dir))))
+            }
+            _ => Err(anyhow::anyhow!(
+                "usage: {NAME} rotate-signing-key [--retire-previous --out DIR]"
+            )),
+        },
         _ => return None,
     };
     Some(match result {
@@ -133,18 +146,58 @@ fn operator_entry(action: &'static str, resource: &str, outcome: Outcome) -> Ent
     }
 }
 
+/// Creates `dir` (and its parents) with mode 0700: it is to hold tokens, so only its
+/// owner may list it. One that exists already keeps its mode.
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))
+}
+
+/// Signs the admin token and one per control-plane service with `signer`, and writes each
+/// to a 0600 file in `out`, never over one that exists; returns the rows to record and
+/// the files. The files come first: should recording them fail, the caller removes them;
+/// the other way round, a committed vault could be left without its admin token.
+fn write_tokens(
+    signer: &SigningKey,
+    out: &Path,
+) -> anyhow::Result<(Vec<store::TokenRow>, Vec<PathBuf>)> {
+    let mut tokens = vec![("admin", vec![ADMIN_SCOPE.to_owned()])];
+    tokens.extend(
+        CONTROL_PLANE
+            .iter()
+            .map(|(service, scopes)| (*service, scopes.iter().map(|s| (*s).to_owned()).collect())),
+    );
+    let mut rows = Vec::new();
+    let mut written = Vec::new();
+    for (subject, scopes) in tokens {
+        let iat = now_unix();
+        let claims = Claims {
+            sub: subject.into(),
+            scopes,
+            exp: iat + INIT_TOKEN_TTL.as_secs() as i64,
+            iat,
+            jti: uuid::Uuid::new_v4().to_string(),
+        };
+        let path = out.join(format!("{subject}-token"));
+        if let Err(error) = write_private(&path, signer.sign(&claims).expose().as_bytes()) {
+            remove_all(&written);
+            return Err(error);
+        }
+        written.push(path);
+        rows.push(crate::api::token_row(&claims));
+    }
+    Ok((rows, written))
+}
+
 async fn init(env: &Env, out: PathBuf) -> anyhow::Result<()> {
     let (config, db) = open_database(env).await?;
     if db.run(|conn| Ok(store::is_initialized(conn))).await?? {
         bail!("the vault is already initialized; init runs once per database");
     }
-    // The folder holds every control-plane token: only its owner may list it. One that
-    // exists already keeps its mode.
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&out)
-        .with_context(|| format!("cannot create {}", out.display()))?;
+    create_private_dir(&out)?;
 
     let signer = SigningKey::generate().context("cannot generate the signing key")?;
     let audit_key = AuditHasher::generate_key().context("cannot generate the audit key")?;
@@ -169,33 +222,7 @@ async fn init(env: &Env, out: PathBuf) -> anyhow::Result<()> {
         seal(AUDIT_KEY_NAME, AUDIT_PURPOSE, &audit_key)?,
     ];
 
-    let mut tokens = vec![("admin", vec![ADMIN_SCOPE.to_owned()])];
-    tokens.extend(
-        CONTROL_PLANE
-            .iter()
-            .map(|(service, scopes)| (*service, scopes.iter().map(|s| (*s).to_owned()).collect())),
-    );
-    let mut rows = Vec::new();
-    let mut written = Vec::new();
-    for (subject, scopes) in tokens {
-        let iat = now_unix();
-        let claims = Claims {
-            sub: subject.into(),
-            scopes,
-            exp: iat + INIT_TOKEN_TTL.as_secs() as i64,
-            iat,
-            jti: uuid::Uuid::new_v4().to_string(),
-        };
-        let path = out.join(format!("{subject}-token"));
-        // Files first: if the database commit fails they are removed; the other way
-        // round, a committed vault could be left without its admin token.
-        if let Err(error) = write_private(&path, signer.sign(&claims).expose().as_bytes()) {
-            remove_all(&written);
-            return Err(error);
-        }
-        written.push(path);
-        rows.push(crate::api::token_row(&claims));
-    }
+    let (rows, written) = write_tokens(&signer, &out)?;
 
     let metrics = crate::metrics::VaultMetrics::new(&prometheus::Registry::new())?;
     let audit = AuditLog::start(db.clone(), metrics, AuditHasher::new(audit_key.expose()))?;
@@ -252,7 +279,7 @@ async fn init(env: &Env, out: PathBuf) -> anyhow::Result<()> {
 /// valid until revoked with the new one.
 async fn issue_admin_token(env: &Env, out: PathBuf) -> anyhow::Result<()> {
     let (config, db) = open_database(env).await?;
-    let keys = crate::load_keys(&db, &config.keyring).await?;
+    let keys = crate::load_keys(&db, &config.keyring, config.signing_key_publication()).await?;
     let iat = now_unix();
     let claims = Claims {
         sub: "admin".into(),
@@ -262,7 +289,7 @@ async fn issue_admin_token(env: &Env, out: PathBuf) -> anyhow::Result<()> {
         jti: uuid::Uuid::new_v4().to_string(),
     };
     // The file first, as in `init`: a token recorded but never written would be lost.
-    write_private(&out, keys.signer.sign(&claims).expose().as_bytes())?;
+    write_private(&out, keys.signing.signer.sign(&claims).expose().as_bytes())?;
     let row = crate::api::token_row(&claims);
     let resource = format!("token:{}", keys.hasher.hash(&claims.jti));
     let metrics = crate::metrics::VaultMetrics::new(&prometheus::Registry::new())?;
@@ -330,7 +357,9 @@ async fn rotate_master_key(env: &Env, new_key_file: PathBuf) -> anyhow::Result<(
     let keyring = config.keyring.with_current(new_key);
 
     let metrics = crate::metrics::VaultMetrics::new(&prometheus::Registry::new())?;
-    let audit_key = crate::load_keys(&db, &config.keyring).await?.hasher;
+    let audit_key = crate::load_keys(&db, &config.keyring, config.signing_key_publication())
+        .await?
+        .hasher;
     let audit = AuditLog::start(db.clone(), metrics, audit_key)?;
     let mut rewrapped = 0usize;
     loop {
@@ -423,5 +452,107 @@ async fn rotate_master_key(env: &Env, new_key_file: PathBuf) -> anyhow::Result<(
          point VAULT_MASTER_KEY_FILE at {} and restart the vaults",
         new_key_file.display()
     );
+    Ok(())
+}
+
+/// Adds a signing key. Every vault publishes it in its JWKS at its next resync and signs
+/// with it once it has been published for two resyncs ([`crate::signing_roles`]), so that
+/// no service meets its `kid` before it can fetch it; the previous keys keep verifying
+/// the tokens they signed. With `retire`, for a key that leaked, the previous keys are
+/// retired in the same transaction: every vault stops trusting them within one resync,
+/// and so every token they signed, the control plane's included. New ones for the admin
+/// and the control plane go to 0600 files in `retire`'s folder.
+async fn rotate_signing_key(env: &Env, retire: Option<PathBuf>) -> anyhow::Result<()> {
+    let (config, db) = open_database(env).await?;
+    let hasher = crate::load_keys(&db, &config.keyring, config.signing_key_publication())
+        .await?
+        .hasher;
+    let signer = SigningKey::generate().context("cannot generate the signing key")?;
+    let name = format!("{SIGNING_PURPOSE}:{}", signer.kid());
+    let (sealed, master_key_id) = config.keyring.seal_key(&name, signer.pkcs8().expose())?;
+    let now = Utc::now().naive_utc();
+    let row = SealedKeyRow {
+        name: name.clone(),
+        purpose: SIGNING_PURPOSE.into(),
+        sealed,
+        master_key_id,
+        created_at: now,
+        retired_at: None,
+    };
+    let (tokens, written) = match &retire {
+        Some(out) => {
+            create_private_dir(out)?;
+            write_tokens(&signer, out)?
+        }
+        None => (Vec::new(), Vec::new()),
+    };
+    let retiring = retire.is_some();
+    let metrics = crate::metrics::VaultMetrics::new(&prometheus::Registry::new())?;
+    let audit = AuditLog::start(db.clone(), metrics, hasher)?;
+    let resource = name.clone();
+    let committed = audit
+        .execute(
+            move |conn| {
+                store::insert_sealed_key(conn, &row)?;
+                let retired = if retiring {
+                    store::retire_signing_keys_but(conn, &row.name, now)?
+                } else {
+                    Vec::new()
+                };
+                for token in &tokens {
+                    store::insert_token(conn, token)?;
+                }
+                Ok(retired)
+            },
+            move |result| {
+                let outcome = if result.is_ok() {
+                    Outcome::Success
+                } else {
+                    Outcome::Error
+                };
+                let action = if retiring {
+                    "signing_key.rotate_retiring_previous"
+                } else {
+                    "signing_key.rotate"
+                };
+                operator_entry(action, &resource, outcome)
+            },
+        )
+        .await;
+    let retired = match committed
+        .map_err(anyhow::Error::from)
+        .and_then(|inner| inner.map_err(anyhow::Error::from))
+    {
+        Ok(retired) => retired,
+        Err(error) => {
+            remove_all(&written);
+            bail!("cannot record the new signing key: {error}");
+        }
+    };
+    let resync = config.common.resync_interval;
+    if retire.is_none() {
+        println!(
+            "added signing key {}: every vault publishes it within {resync:?} and signs with \
+             it from {} UTC on; tokens signed before stay valid until they expire",
+            signer.kid(),
+            (now + chrono::Duration::from_std(config.signing_key_publication())?)
+                .format("%Y-%m-%d %H:%M:%S")
+        );
+        return Ok(());
+    }
+    println!(
+        "added signing key {}, which signs at once, and retired {}: within {resync:?} no \
+         service accepts a token those signed",
+        signer.kid(),
+        if retired.is_empty() {
+            "none".to_owned()
+        } else {
+            retired.join(", ")
+        }
+    );
+    println!("new tokens (mode 0600); give each service its own as TOKEN_FILE and restart it:");
+    for path in &written {
+        println!("  {}", path.display());
+    }
     Ok(())
 }

@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::net::TcpListener;
 use std::process::ExitCode;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use actix_web::web;
@@ -115,17 +115,64 @@ impl Config {
     }
 }
 
-/// The vault's own keys, opened from the database.
+impl Config {
+    /// How long a new signing key is published before it signs: two resyncs, so that
+    /// every vault lists it in its JWKS before any token carries its `kid`.
+    pub fn signing_key_publication(&self) -> Duration {
+        self.common.resync_interval.saturating_mul(2)
+    }
+}
+
+/// The signing keys in use: the one that signs, and all that verify (in the JWKS).
 #[derive(Debug)]
-pub struct LoadedKeys {
+pub struct SigningKeys {
     pub signer: SigningKey,
     pub keys: KeySet,
     pub jwks: Jwks,
+}
+
+impl SigningKeys {
+    /// The `kid`s that verify.
+    pub fn kids(&self) -> std::collections::BTreeSet<&str> {
+        self.jwks.keys.iter().map(|key| key.kid.as_str()).collect()
+    }
+}
+
+/// The vault's own keys, opened from the database.
+#[derive(Debug)]
+pub struct LoadedKeys {
+    pub signing: SigningKeys,
     pub hasher: AuditHasher,
 }
 
-/// Opens the signing keys (the newest signs; all verify) and the audit HMAC key.
-pub async fn load_keys(db: &Db, keyring: &Keyring) -> anyhow::Result<LoadedKeys> {
+/// Which of the signing keys created at these times (oldest first; `true` once retired)
+/// verify, and which one signs at `now`: a retired key does neither; the newest key
+/// published for `publication` signs, or else the oldest, the one most likely known
+/// everywhere (the only one after `init`, or after a rotation that retired the others).
+pub fn signing_roles(
+    created: &[(chrono::NaiveDateTime, bool)],
+    now: chrono::NaiveDateTime,
+    publication: Duration,
+) -> (Vec<usize>, Option<usize>) {
+    let verifying: Vec<usize> = (0..created.len())
+        .filter(|&index| !created[index].1)
+        .collect();
+    let publication = chrono::Duration::from_std(publication).unwrap_or(chrono::Duration::MAX);
+    let published = verifying
+        .iter()
+        .rev()
+        .find(|&&index| created[index].0 + publication <= now);
+    let signer = published.or(verifying.first()).copied();
+    (verifying, signer)
+}
+
+/// Opens the signing keys and the audit HMAC key; see [`signing_roles`] for which
+/// signing keys are in use.
+pub async fn load_keys(
+    db: &Db,
+    keyring: &Keyring,
+    publication: Duration,
+) -> anyhow::Result<LoadedKeys> {
     let rows = db
         .run(|conn| Ok(store::sealed_keys(conn)))
         .await?
@@ -133,28 +180,43 @@ pub async fn load_keys(db: &Db, keyring: &Keyring) -> anyhow::Result<LoadedKeys>
     if rows.is_empty() {
         bail!("the vault is not initialized: run `credential-vault init --out DIR` first");
     }
+    let signing_rows: Vec<_> = rows
+        .iter()
+        .filter(|row| row.purpose == SIGNING_PURPOSE)
+        .collect();
+    let created: Vec<_> = signing_rows
+        .iter()
+        .map(|row| (row.created_at, row.retired_at.is_some()))
+        .collect();
+    let (verifying, signer_index) =
+        signing_roles(&created, chrono::Utc::now().naive_utc(), publication);
     let mut signer = None;
     let mut jwks = Jwks::default();
-    let mut hasher = None;
-    for row in &rows {
+    for index in verifying {
+        let row = signing_rows[index];
         let opened = keyring
             .open_key(&row.name, &row.sealed, &row.master_key_id)
             .with_context(|| format!("cannot open the vault key {:?}", row.name))?;
-        if row.purpose == SIGNING_PURPOSE {
-            let key = SigningKey::from_pkcs8(opened).context("a stored signing key is invalid")?;
-            jwks.keys.push(key.public_jwk());
-            if row.retired_at.is_none() {
-                signer = Some(key);
-            }
-        } else if row.name == AUDIT_KEY_NAME {
-            hasher = Some(AuditHasher::new(opened.expose()));
+        let key = SigningKey::from_pkcs8(opened).context("a stored signing key is invalid")?;
+        jwks.keys.push(key.public_jwk());
+        if Some(index) == signer_index {
+            signer = Some(key);
         }
     }
+    let audit_row = rows
+        .iter()
+        .find(|row| row.name == AUDIT_KEY_NAME)
+        .context("no audit HMAC key")?;
+    let audit_key = keyring
+        .open_key(&audit_row.name, &audit_row.sealed, &audit_row.master_key_id)
+        .with_context(|| format!("cannot open the vault key {:?}", audit_row.name))?;
     Ok(LoadedKeys {
-        signer: signer.context("no active signing key")?,
-        keys: KeySet::from_jwks(&jwks),
-        jwks,
-        hasher: hasher.context("no audit HMAC key")?,
+        signing: SigningKeys {
+            signer: signer.context("no active signing key: every one is retired")?,
+            keys: KeySet::from_jwks(&jwks),
+            jwks,
+        },
+        hasher: AuditHasher::new(audit_key.expose()),
     })
 }
 
@@ -180,12 +242,13 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot migrate {}", config.database.url.redacted()))?;
     tracing::info!(backend = db.backend().as_str(), ?applied, "database ready");
-    let LoadedKeys {
-        signer,
-        keys,
-        jwks,
-        hasher,
-    } = load_keys(&db, &config.keyring).await?;
+    let publication = config.signing_key_publication();
+    let LoadedKeys { signing, hasher } = load_keys(&db, &config.keyring, publication).await?;
+    tracing::info!(
+        signs = signing.signer.kid(),
+        verify = ?signing.kids(),
+        "signing keys loaded"
+    );
     let metrics = VaultMetrics::new(&registry)?;
     let event_metrics = EventMetrics::new(&registry)?;
     let publisher = Publisher::new(
@@ -198,9 +261,8 @@ pub async fn run(
             .context("cannot start the audit writer")?,
         db: db.clone(),
         keyring: config.keyring.clone(),
-        signer,
-        keys,
-        jwks,
+        signing: RwLock::new(Arc::new(signing)),
+        signing_key_publication: publication,
         hasher,
         publisher: publisher.clone(),
         metrics,
@@ -243,6 +305,9 @@ pub async fn run(
                     }
                     if let Err(error) = reconciler.refresh_key_wear().await {
                         tracing::warn!(%error, "cannot count the versions per master key; will retry");
+                    }
+                    if let Err(error) = reconciler.reload_signing_keys().await {
+                        tracing::warn!(error = %format!("{error:#}"), "cannot reload the signing keys; will retry");
                     }
                 }
             }
@@ -293,5 +358,62 @@ impl common::service::Service for CredentialVault {
 
     fn subcommand(name: &str, args: &[String], env: &Env) -> Option<ExitCode> {
         cli::run(name, args, env)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_key_signs_once_published_and_a_retired_one_does_nothing() {
+        let start = chrono::NaiveDate::from_ymd_opt(2026, 11, 25)
+            .and_then(|day| day.and_hms_opt(8, 0, 0))
+            .unwrap_or_default();
+        let at = |seconds: i64| start + chrono::Duration::seconds(seconds);
+        let publication = Duration::from_secs(60);
+
+        // The first key signs at once: there is no other.
+        assert_eq!(
+            signing_roles(&[(at(0), false)], at(0), publication),
+            (vec![0], Some(0))
+        );
+        // A rotation at 100 s: both verify; the old key signs until the new one has been
+        // published for a minute.
+        let rotated = [(at(0), false), (at(100), false)];
+        assert_eq!(
+            signing_roles(&rotated, at(159), publication),
+            (vec![0, 1], Some(0))
+        );
+        assert_eq!(
+            signing_roles(&rotated, at(160), publication),
+            (vec![0, 1], Some(1))
+        );
+        // The old key retired with the rotation (it leaked): the new one signs at once,
+        // the old one no longer verifies.
+        assert_eq!(
+            signing_roles(&[(at(0), true), (at(100), false)], at(100), publication),
+            (vec![1], Some(1))
+        );
+        // A rotation soon after `init`: neither key is published long enough, and the
+        // older one keeps signing.
+        assert_eq!(
+            signing_roles(&[(at(0), false), (at(1), false)], at(2), publication),
+            (vec![0, 1], Some(0))
+        );
+        // Two rotations within a minute: the newest published key signs.
+        assert_eq!(
+            signing_roles(
+                &[(at(0), false), (at(100), false), (at(130), false)],
+                at(165),
+                publication
+            ),
+            (vec![0, 1, 2], Some(1))
+        );
+        // Everything retired: nothing signs (the vault refuses to start so).
+        assert_eq!(
+            signing_roles(&[(at(0), true)], at(0), publication),
+            (vec![], None)
+        );
     }
 }

@@ -393,6 +393,23 @@ pub fn sealed_keys(conn: &mut DbConnection) -> Result<Vec<SealedKeyRow>, StoreEr
         .load(conn)?)
 }
 
+/// Retires every signing key still in use but `keep`, as of `at`; returns their names.
+pub fn retire_signing_keys_but(
+    conn: &mut DbConnection,
+    keep: &str,
+    at: NaiveDateTime,
+) -> Result<Vec<String>, StoreError> {
+    let in_use = sealed_keys::table
+        .filter(sealed_keys::purpose.eq(crate::vault::SIGNING_PURPOSE))
+        .filter(sealed_keys::name.ne(keep))
+        .filter(sealed_keys::retired_at.is_null());
+    let names: Vec<String> = in_use.select(sealed_keys::name).load(conn)?;
+    diesel::update(in_use)
+        .set(sealed_keys::retired_at.eq(Some(at)))
+        .execute(conn)?;
+    Ok(names)
+}
+
 pub fn reseal_key(
     conn: &mut DbConnection,
     name: &str,

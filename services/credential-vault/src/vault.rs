@@ -5,12 +5,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use common::auth::{Claims, Jwks, KeySet, SigningKey, VerifiedTokens, now_unix};
+use common::auth::{Claims, VerifiedTokens, now_unix};
 use common::db::{Db, DbConnection};
 use common::forwarded::TrustedProxies;
 use common::secret::Secret;
 use events::Publisher;
 
+use crate::SigningKeys;
 use crate::audit::{AuditLog, Entry, Outcome};
 use crate::crypto::{AuditHasher, Keyring};
 use crate::error::ApiError;
@@ -170,9 +171,10 @@ impl SnapshotCache {
 pub struct Vault {
     pub db: Db,
     pub keyring: Keyring,
-    pub signer: SigningKey,
-    pub keys: KeySet,
-    pub jwks: Jwks,
+    /// Replaced whole when a resync finds the keys changed (a rotation, a retirement).
+    pub signing: RwLock<Arc<SigningKeys>>,
+    /// How long a new signing key is published before it signs.
+    pub signing_key_publication: Duration,
     pub hasher: AuditHasher,
     pub audit: AuditLog,
     pub publisher: Publisher,
@@ -202,11 +204,15 @@ impl Vault {
             .filter(|identity| identity.claims.exp > now_unix());
         let verified = match cached {
             Some(identity) => Ok(identity),
-            None => self.keys.verify(token.expose(), now_unix()).map(|claims| {
-                let actor = format!("{} token={}", claims.sub, self.hasher.hash(&claims.jti));
-                self.verified
-                    .put(token.expose(), Identity { claims, actor })
-            }),
+            None => self
+                .signing()
+                .keys
+                .verify(token.expose(), now_unix())
+                .map(|claims| {
+                    let actor = format!("{} token={}", claims.sub, self.hasher.hash(&claims.jti));
+                    self.verified
+                        .put(token.expose(), Identity { claims, actor })
+                }),
         };
         let identity = match verified {
             Ok(identity) => identity,
@@ -240,6 +246,43 @@ impl Vault {
                 poisoned.into_inner().insert(token_id);
             }
         }
+    }
+
+    /// The signing keys in use now.
+    pub fn signing(&self) -> Arc<SigningKeys> {
+        match self.signing.read() {
+            Ok(keys) => keys.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Opens the signing keys again (reconciliation): a key another vault or the CLI
+    /// added is published, one published long enough signs, a retired one no longer
+    /// verifies. Tokens verified under a key now gone leave the cache.
+    pub async fn reload_signing_keys(&self) -> anyhow::Result<()> {
+        let fresh = crate::load_keys(&self.db, &self.keyring, self.signing_key_publication)
+            .await?
+            .signing;
+        let current = self.signing();
+        if fresh.signer.kid() == current.signer.kid() && fresh.kids() == current.kids() {
+            return Ok(());
+        }
+        let retired = current.kids().difference(&fresh.kids()).count();
+        tracing::info!(
+            signs = fresh.signer.kid(),
+            verify = ?fresh.kids(),
+            retired,
+            "signing keys changed"
+        );
+        if retired > 0 {
+            self.verified.clear();
+        }
+        let fresh = Arc::new(fresh);
+        match self.signing.write() {
+            Ok(mut keys) => *keys = fresh,
+            Err(poisoned) => *poisoned.into_inner() = fresh,
+        }
+        Ok(())
     }
 
     /// Reloads the revoked set from the database (reconciliation).
@@ -440,7 +483,7 @@ impl Vault {
             iat: now,
             jti: uuid::Uuid::new_v4().to_string(),
         };
-        (self.signer.sign(&claims), claims)
+        (self.signing().signer.sign(&claims), claims)
     }
 }
 

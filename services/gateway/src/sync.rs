@@ -54,10 +54,13 @@ pub async fn follow(shared: Arc<Shared>, source: Option<Source>, mut subscriptio
         let changed = match signal {
             Signal::Resync(_) => {
                 close_idle_connections(&shared);
-                if let Some(auth) = &shared.auth
-                    && let Err(error) = auth.reload_revoked().await
-                {
-                    tracing::warn!(%error, "cannot reload the revoked tokens");
+                if let Some(auth) = &shared.auth {
+                    if let Err(error) = auth.reload_revoked().await {
+                        tracing::warn!(%error, "cannot reload the revoked tokens");
+                    }
+                    if let Err(error) = auth.reload_keys().await {
+                        tracing::warn!(%error, "cannot reload the signing keys");
+                    }
                 }
                 match &source {
                     Some(source) => match source.load().await {

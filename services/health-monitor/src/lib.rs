@@ -102,7 +102,8 @@ pub async fn run(
 }
 
 /// Keeps `auth`'s revoked tokens current: each revocation the vault announces, and the
-/// whole list again on every resync (at the start too), for the ones missed.
+/// whole list again on every resync (at the start too), for the ones missed; the signing
+/// keys too, on every resync, so that a retired one stops being trusted.
 async fn follow_revocations(auth: Arc<Authenticator>, mut subscription: events::Subscription) {
     while let Some(signal) = subscription.next().await {
         match signal {
@@ -114,6 +115,9 @@ async fn follow_revocations(auth: Arc<Authenticator>, mut subscription: events::
             Signal::Resync(_) => {
                 if let Err(error) = auth.reload_revoked().await {
                     tracing::warn!(%error, "cannot reload the revoked tokens; will retry");
+                }
+                if let Err(error) = auth.reload_keys().await {
+                    tracing::warn!(%error, "cannot reload the signing keys; will retry");
                 }
             }
         }

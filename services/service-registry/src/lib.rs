@@ -141,6 +141,9 @@ pub async fn run(
                     if let Err(error) = follower.auth.reload_revoked().await {
                         tracing::warn!(%error, "cannot reload revoked tokens; will retry");
                     }
+                    if let Err(error) = follower.auth.reload_keys().await {
+                        tracing::warn!(%error, "cannot reload the signing keys; will retry");
+                    }
                 }
             }
         }

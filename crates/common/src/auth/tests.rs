@@ -264,6 +264,34 @@ mod over_http {
     }
 
     #[tokio::test]
+    async fn a_retired_key_goes_at_the_reload_and_the_tokens_it_verified_with_it() {
+        let old = SigningKey::generate().unwrap();
+        let new = SigningKey::generate().unwrap();
+        let published = Arc::new(Mutex::new(Jwks {
+            keys: vec![old.public_jwk(), new.public_jwk()],
+        }));
+        let url = jwks_server(published.clone(), Arc::new(Mutex::new(0))).await;
+        let auth = Authenticator::new(url.trim_end_matches("/jwks"), None);
+        let bearer = |key: &SigningKey| format!("Bearer {}", key.sign(&claims(60)).expose());
+        let (by_old, by_new) = (bearer(&old), bearer(&new));
+
+        // Verified once, then served from the cache; a reload that changes nothing keeps it.
+        assert!(auth.authenticate(Some(by_old.as_bytes())).await.is_ok());
+        auth.reload_keys().await.unwrap();
+        assert!(auth.authenticate(Some(by_old.as_bytes())).await.is_ok());
+
+        // The vault retires the old key (it leaked): the cached token goes with it.
+        published.lock().unwrap().keys.remove(0);
+        auth.reload_keys().await.unwrap();
+        let refused = auth.authenticate(Some(by_old.as_bytes())).await;
+        assert!(
+            matches!(refused, Err(AuthError::Invalid(TokenError::UnknownKid(_)))),
+            "{refused:?}"
+        );
+        assert!(auth.authenticate(Some(by_new.as_bytes())).await.is_ok());
+    }
+
+    #[tokio::test]
     async fn refetches_are_rate_limited_and_a_missing_vault_is_reported() {
         let key = SigningKey::generate().unwrap();
         let fetches = Arc::new(Mutex::new(0));

@@ -6,5 +6,6 @@ mod credentials;
 mod events;
 mod openapi;
 mod readiness;
+mod signing_keys;
 mod support;
 mod tamper;

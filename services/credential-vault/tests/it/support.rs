@@ -116,10 +116,15 @@ impl Fixture {
     pub async fn signing_key(&self) -> common::auth::SigningKey {
         let env = Env::from_pairs(self.env(&[]));
         let config = credential_vault::Config::from_env(&env).unwrap();
-        credential_vault::load_keys(&self.db(), &config.keyring)
-            .await
-            .unwrap()
-            .signer
+        credential_vault::load_keys(
+            &self.db(),
+            &config.keyring,
+            config.signing_key_publication(),
+        )
+        .await
+        .unwrap()
+        .signing
+        .signer
     }
 }
 

@@ -457,7 +457,7 @@ both_backends!(
         let db = fixture.db();
         let env = common::config::Env::from_pairs(fixture.env(&[]));
         let config = credential_vault::Config::from_env(&env).unwrap();
-        let hasher = credential_vault::load_keys(&db, &config.keyring)
+        let hasher = credential_vault::load_keys(&db, &config.keyring, std::time::Duration::ZERO)
             .await
             .unwrap()
             .hasher;

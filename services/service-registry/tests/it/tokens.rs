@@ -1,5 +1,6 @@
 //! Tokens at the registry: a revoked one is refused, learned from the vault's event with
-//! Redis and from reconciliation without (DESIGN.md, "Identity and access").
+//! Redis and from reconciliation without (DESIGN.md, "Identity and access"); so is one
+//! signed by a key the vault retired.
 
 use std::time::{Duration, Instant};
 
@@ -44,4 +45,38 @@ async fn a_revoked_token_is_refused_at_once_with_redis_and_within_a_resync_witho
     let registry = Registry::start(&vault, &db.url, &[("RESYNC_INTERVAL", "1s")]).await;
     let took = refused_after_revocation(&vault, &registry).await;
     assert!(took < Duration::from_secs(5), "without Redis: {took:?}");
+}
+
+#[tokio::test]
+async fn tokens_signed_by_a_retired_key_are_refused_within_a_resync() {
+    let vault = VaultFixture::start_with(&[("RESYNC_INTERVAL", "1s")]).await;
+    let db = TestDb::sqlite();
+    let registry = Registry::start(&vault, &db.url, &[]).await;
+    let old_admin = vault.token("admin");
+    assert_eq!(registry.get("/api/services", old_admin).await.status, 200);
+
+    let dir = vault.dir.path().join("after-leak");
+    let out = vault.operator(&[
+        "rotate-signing-key",
+        "--retire-previous",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_admin = std::fs::read_to_string(dir.join("admin-token")).unwrap();
+    // The vault drops the old key at its next resync (1 s), the registry at its own
+    // (300 ms) after that: the token it had verified and cached is refused.
+    let retired = Instant::now();
+    while registry.get("/api/services", old_admin).await.status != 401 {
+        assert!(
+            retired.elapsed() < Duration::from_secs(5),
+            "the registry still accepts a token signed by a retired key"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(registry.get("/api/services", &new_admin).await.status, 200);
 }
