@@ -213,6 +213,17 @@ impl KeySet {
 
     /// Checks `token` at time `now` (Unix seconds) and returns its claims.
     pub fn verify(&self, token: &str, now: i64) -> Result<Claims, TokenError> {
+        self.verify_keyed(token, now).map(|(claims, _)| claims)
+    }
+
+    /// Whether the key `kid` is among these.
+    pub fn trusts(&self, kid: &str) -> bool {
+        self.keys.contains_key(kid)
+    }
+
+    /// [`Self::verify`], and the `kid` of the key that checked out: whoever keeps the
+    /// verified token keeps it too, to drop the token once that key is retired.
+    pub fn verify_keyed(&self, token: &str, now: i64) -> Result<(Claims, String), TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::Malformed);
         }
@@ -245,7 +256,7 @@ impl KeySet {
         if claims.iat > now + LEEWAY_SECONDS {
             return Err(TokenError::IssuedInFuture);
         }
-        Ok(claims)
+        Ok((claims, kid))
     }
 }
 
@@ -289,14 +300,17 @@ impl JwksVerifier {
         }
     }
 
-    fn check(&self, token: &str) -> Result<Claims, TokenError> {
-        match self.keys.read() {
-            Ok(keys) => keys.verify(token, now_unix()),
-            Err(poisoned) => poisoned.into_inner().verify(token, now_unix()),
-        }
+    fn check(&self, token: &str) -> Result<(Claims, String), TokenError> {
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+        keys.verify_keyed(token, now_unix())
     }
 
     pub async fn verify(&self, token: &str) -> Result<Claims, VerifyError> {
+        self.verify_keyed(token).await.map(|(claims, _)| claims)
+    }
+
+    /// [`Self::verify`], and the `kid` of the key that checked out.
+    pub async fn verify_keyed(&self, token: &str) -> Result<(Claims, String), VerifyError> {
         match self.check(token) {
             Err(TokenError::UnknownKid(_)) => {
                 self.refresh_if_stale().await?;
@@ -304,6 +318,14 @@ impl JwksVerifier {
             }
             other => Ok(other?),
         }
+    }
+
+    /// Whether the key `kid` is trusted now (not retired since the last fetch).
+    pub fn trusts(&self, kid: &str) -> bool {
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .trusts(kid)
     }
 
     /// Refetches unless a fetch happened within `min_refetch`; concurrent callers share one fetch.
@@ -371,7 +393,6 @@ impl<T> VerifiedTokens<T> {
         entries.get(token).cloned()
     }
 
-    /// Keeps `value` for `token` and hands it back shared.
     /// Forgets every token: after a key they may have been verified with was retired.
     pub fn clear(&self) {
         self.entries
@@ -380,6 +401,7 @@ impl<T> VerifiedTokens<T> {
             .clear();
     }
 
+    /// Keeps `value` for `token` and hands it back shared.
     pub fn put(&self, token: &str, value: T) -> Arc<T> {
         let value = Arc::new(value);
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
@@ -429,7 +451,8 @@ pub fn bearer(header: Option<&[u8]>) -> Result<&str, AuthError> {
 pub struct Authenticator {
     verifier: JwksVerifier,
     revoked: RwLock<std::collections::HashSet<String>>,
-    verified: VerifiedTokens,
+    /// Each with the `kid` of the key it was verified with.
+    verified: VerifiedTokens<(Claims, String)>,
     vault_url: String,
     client: HttpClient,
     own_token: Option<Secret<String>>,
@@ -458,16 +481,24 @@ impl Authenticator {
     /// The claims of the `Authorization` header's token.
     pub async fn authenticate(&self, header: Option<&[u8]>) -> Result<Claims, AuthError> {
         let token = bearer(header)?;
-        let cached = self.verified.get(token).filter(|c| c.exp > now_unix());
+        // A cached token counts only while the key that verified it is trusted: a key
+        // retired since (it leaked) takes its tokens with it, however they were cached.
+        let cached = self
+            .verified
+            .get(token)
+            .filter(|entry| entry.0.exp > now_unix() && self.verifier.trusts(&entry.1));
         let claims = match cached {
-            Some(claims) => Claims::clone(&claims),
+            Some(entry) => entry.0.clone(),
             None => {
-                let claims = self.verifier.verify(token).await.map_err(|e| match e {
-                    VerifyError::Token(token) => AuthError::Invalid(token),
-                    VerifyError::KeysUnavailable(_) => AuthError::KeysUnavailable,
-                })?;
-                self.verified.put(token, claims.clone());
-                claims
+                let verified = self
+                    .verifier
+                    .verify_keyed(token)
+                    .await
+                    .map_err(|e| match e {
+                        VerifyError::Token(token) => AuthError::Invalid(token),
+                        VerifyError::KeysUnavailable(_) => AuthError::KeysUnavailable,
+                    })?;
+                self.verified.put(token, verified).0.clone()
             }
         };
         let revoked = match self.revoked.read() {
@@ -488,8 +519,8 @@ impl Authenticator {
     }
 
     /// Reloads the signing keys from the vault's JWKS (reconciliation). Tokens verified
-    /// under a key now gone (retired after a leak) leave the cache, so they are checked,
-    /// and refused, again.
+    /// under a key now gone (retired after a leak) are refused from then on; the cache
+    /// lets them go.
     pub async fn reload_keys(&self) -> Result<(), VerifyError> {
         if self.verifier.refresh().await? {
             self.verified.clear();

@@ -670,6 +670,36 @@ pub async fn check_openapi_routes_at(
     assert_eq!(operations, expected_operations, "documented operations");
 }
 
+/// Waits until `service` has `subscriptions` event subscriptions connected to Redis (its
+/// `concierge_events_resyncs_total{reason="connected"}`), so that an event published
+/// next reaches it.
+pub async fn wait_subscribed(service: &ServiceProcess, subscriptions: u64) {
+    let client = crate::client::HttpClient::new(std::time::Duration::from_secs(5));
+    let url = service.url("/metrics");
+    let started = std::time::Instant::now();
+    loop {
+        let answer = send_json(&client, "GET", &url, None, None).await;
+        let text = String::from_utf8_lossy(&answer.body);
+        let connected: u64 = text
+            .lines()
+            .filter(|line| {
+                line.starts_with("concierge_events_resyncs_total")
+                    && line.contains(r#"reason="connected""#)
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        if connected >= subscriptions {
+            return;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{connected} of {subscriptions} subscriptions connected:\n{}",
+            service.output()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Sends `method url` with an optional bearer token and JSON body, and reads the answer;
 /// panics, naming the request, if nothing answers.
 pub async fn send_json(

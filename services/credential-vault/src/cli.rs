@@ -481,6 +481,13 @@ async fn rotate_signing_key(env: &Env, retire: Option<PathBuf>) -> anyhow::Resul
     };
     let (tokens, written) = match &retire {
         Some(out) => {
+            // A new folder, so that it is certainly 0700 and holds only these tokens.
+            if out.exists() {
+                bail!(
+                    "{} exists: name a new folder for the new tokens",
+                    out.display()
+                );
+            }
             create_private_dir(out)?;
             write_tokens(&signer, out)?
         }
@@ -531,12 +538,17 @@ async fn rotate_signing_key(env: &Env, retire: Option<PathBuf>) -> anyhow::Resul
     };
     let resync = config.common.resync_interval;
     if retire.is_none() {
+        let signs_from = chrono::Duration::from_std(config.signing_key_publication())
+            .ok()
+            .and_then(|publication| now.checked_add_signed(publication))
+            .map_or_else(
+                || "never (RESYNC_INTERVAL is too long)".to_owned(),
+                |at| format!("{} UTC", at.format("%Y-%m-%d %H:%M:%S")),
+            );
         println!(
             "added signing key {}: every vault publishes it within {resync:?} and signs with \
-             it from {} UTC on; tokens signed before stay valid until they expire",
+             it from {signs_from} on; tokens signed before stay valid until they expire",
             signer.kid(),
-            (now + chrono::Duration::from_std(config.signing_key_publication())?)
-                .format("%Y-%m-%d %H:%M:%S")
         );
         return Ok(());
     }

@@ -157,11 +157,16 @@ pub fn signing_roles(
     let verifying: Vec<usize> = (0..created.len())
         .filter(|&index| !created[index].1)
         .collect();
-    let publication = chrono::Duration::from_std(publication).unwrap_or(chrono::Duration::MAX);
+    // A publication too long to add (an absurd RESYNC_INTERVAL) is never over.
+    let published_at = |created: chrono::NaiveDateTime| {
+        chrono::Duration::from_std(publication)
+            .ok()
+            .and_then(|publication| created.checked_add_signed(publication))
+    };
     let published = verifying
         .iter()
         .rev()
-        .find(|&&index| created[index].0 + publication <= now);
+        .find(|&&index| published_at(created[index].0).is_some_and(|at| at <= now));
     let signer = published.or(verifying.first()).copied();
     (verifying, signer)
 }

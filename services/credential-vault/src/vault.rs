@@ -51,6 +51,8 @@ pub struct Identity {
     pub claims: Claims,
     /// Subject and the token id's HMAC: computed once per token, not per request.
     pub actor: String,
+    /// The key that verified the token: once it is retired, the token no longer counts.
+    pub kid: String,
 }
 
 /// Who is calling, once their token checked out; shared with the verified-token cache.
@@ -198,20 +200,21 @@ impl Vault {
         };
         // A refused token is named by its HMAC: repeated attempts correlate, nothing leaks.
         let presented = || format!("unverified token={}", self.hasher.hash(token.expose()));
-        let cached = self
-            .verified
-            .get(token.expose())
-            .filter(|identity| identity.claims.exp > now_unix());
+        // A cached token counts only while the key that verified it is trusted: a key
+        // retired since (it leaked) takes its tokens with it, however they were cached.
+        let signing = self.signing();
+        let cached = self.verified.get(token.expose()).filter(|identity| {
+            identity.claims.exp > now_unix() && signing.keys.trusts(&identity.kid)
+        });
         let verified = match cached {
             Some(identity) => Ok(identity),
-            None => self
-                .signing()
+            None => signing
                 .keys
-                .verify(token.expose(), now_unix())
-                .map(|claims| {
+                .verify_keyed(token.expose(), now_unix())
+                .map(|(claims, kid)| {
                     let actor = format!("{} token={}", claims.sub, self.hasher.hash(&claims.jti));
                     self.verified
-                        .put(token.expose(), Identity { claims, actor })
+                        .put(token.expose(), Identity { claims, actor, kid })
                 }),
         };
         let identity = match verified {
@@ -258,7 +261,7 @@ impl Vault {
 
     /// Opens the signing keys again (reconciliation): a key another vault or the CLI
     /// added is published, one published long enough signs, a retired one no longer
-    /// verifies. Tokens verified under a key now gone leave the cache.
+    /// verifies, and the tokens it verified are refused from then on.
     pub async fn reload_signing_keys(&self) -> anyhow::Result<()> {
         let fresh = crate::load_keys(&self.db, &self.keyring, self.signing_key_publication)
             .await?
@@ -274,13 +277,15 @@ impl Vault {
             retired,
             "signing keys changed"
         );
-        if retired > 0 {
-            self.verified.clear();
-        }
         let fresh = Arc::new(fresh);
         match self.signing.write() {
             Ok(mut keys) => *keys = fresh,
             Err(poisoned) => *poisoned.into_inner() = fresh,
+        }
+        // Not needed for safety (a cached token counts only while its key is trusted),
+        // but the retired keys' tokens need not stay in memory.
+        if retired > 0 {
+            self.verified.clear();
         }
         Ok(())
     }

@@ -289,6 +289,19 @@ mod over_http {
             "{refused:?}"
         );
         assert!(auth.authenticate(Some(by_new.as_bytes())).await.is_ok());
+
+        // Keys refetched another way (a token with an unknown kid triggers it), the cache
+        // left as it was: a token whose key is gone is refused all the same.
+        let newest = SigningKey::generate().unwrap();
+        *published.lock().unwrap() = Jwks {
+            keys: vec![newest.public_jwk()],
+        };
+        auth.verifier.refresh().await.unwrap();
+        let refused = auth.authenticate(Some(by_new.as_bytes())).await;
+        assert!(
+            matches!(refused, Err(AuthError::Invalid(TokenError::UnknownKid(_)))),
+            "{refused:?}"
+        );
     }
 
     #[tokio::test]

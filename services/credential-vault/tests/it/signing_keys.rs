@@ -109,6 +109,22 @@ both_backends!(
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("usage"));
 
+        // New tokens go to a new folder only.
+        let existing = fixture.dir.path().join("tokens");
+        let out = run_binary(
+            BINARY,
+            &[
+                "rotate-signing-key",
+                "--retire-previous",
+                "--out",
+                existing.to_str().unwrap(),
+            ],
+            &fixture.env(&[]),
+        );
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("exists"));
+        assert_eq!(published(&vault, &old_admin).await, both, "nothing changed");
+
         // A leak: the previous keys retired at once, new tokens written.
         let dir = fixture.dir.path().join("after-leak");
         let out = run_binary(

@@ -739,7 +739,13 @@ mod tests {
             header::CONNECTION,
             HeaderValue::from_static("keep-alive, x-secret-hop"),
         );
+        // A second Connection line names another.
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_static("close, X-Other-Hop"),
+        );
         headers.insert("x-secret-hop", HeaderValue::from_static("1"));
+        headers.insert("x-other-hop", HeaderValue::from_static("2"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
@@ -757,6 +763,7 @@ mod tests {
         for gone in [
             "connection",
             "x-secret-hop",
+            "x-other-hop",
             "keep-alive",
             "te",
             "upgrade",

@@ -38,6 +38,8 @@ async fn a_revoked_token_is_refused_at_once_with_redis_and_within_a_resync_witho
     // A resync far off: only the vault's event can explain a quick refusal.
     let redis = testkit::RedisServer::start().unwrap();
     let stack = Stack::start(Some(&redis.url()), &[("RESYNC_INTERVAL", "60s")]).await;
+    // Two subscriptions: the registry's and health channels, and the vault's.
+    common::testing::wait_subscribed(&stack.monitor, 2).await;
     let took = refused_after_revocation(&stack).await;
     assert!(took < Duration::from_secs(2), "with Redis: {took:?}");
 
