@@ -109,34 +109,24 @@ both_backends!(
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("usage"));
 
-        // New tokens go to a new folder only.
-        let existing = fixture.dir.path().join("tokens");
-        let out = run_binary(
-            BINARY,
-            &[
+        let retire_into = |dir: &std::path::Path| {
+            let args = [
                 "rotate-signing-key",
                 "--retire-previous",
                 "--out",
-                existing.to_str().unwrap(),
-            ],
-            &fixture.env(&[]),
-        );
+                dir.to_str().unwrap(),
+            ];
+            run_binary(BINARY, &args, &fixture.env(&[]))
+        };
+        // New tokens go to a new folder only.
+        let out = retire_into(&fixture.dir.path().join("tokens"));
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("exists"));
         assert_eq!(published(&vault, &old_admin).await, both, "nothing changed");
 
         // A leak: the previous keys retired at once, new tokens written.
         let dir = fixture.dir.path().join("after-leak");
-        let out = run_binary(
-            BINARY,
-            &[
-                "rotate-signing-key",
-                "--retire-previous",
-                "--out",
-                dir.to_str().unwrap(),
-            ],
-            &fixture.env(&[]),
-        );
+        let out = retire_into(&dir);
         assert!(
             out.status.success(),
             "{}",
