@@ -553,8 +553,9 @@ async fn rotate_signing_key(env: &Env, retire: Option<PathBuf>) -> anyhow::Resul
         return Ok(());
     }
     println!(
-        "added signing key {}, which signs at once, and retired {}: within {resync:?} no \
-         service accepts a token those signed",
+        "added signing key {}, which signs at once, and retired {}: the vaults refuse \
+         tokens those signed within {resync:?} (their next resync), the other services \
+         within one resync of their own after that",
         signer.kid(),
         if retired.is_empty() {
             "none".to_owned()
