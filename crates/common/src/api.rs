@@ -205,6 +205,10 @@ pub enum Event {
     TokenRevoked {
         id: String,
     },
+    /// A signing key was added or retired: vaults reload their keys, and the others
+    /// their JWKS, now rather than at their next resync. Published by the CLI that made
+    /// the change, and again by each vault whose keys it changed.
+    SigningKeysChanged {},
 }
 
 impl Event {
@@ -217,7 +221,8 @@ impl Event {
             Self::HealthChanged { .. } => Channel::Health,
             Self::CredentialRotated { .. }
             | Self::CredentialDeleted { .. }
-            | Self::TokenRevoked { .. } => Channel::Vault,
+            | Self::TokenRevoked { .. }
+            | Self::SigningKeysChanged {} => Channel::Vault,
         }
     }
 }

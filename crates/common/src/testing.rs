@@ -451,18 +451,16 @@ impl VaultFixture {
     }
 
     /// Runs the operator command `args` (`rotate-signing-key`, say) on the vault's
-    /// database and master key.
-    pub fn operator(&self, args: &[&str]) -> std::process::Output {
+    /// database and master key, with `extra` environment (`REDIS_URL`, say).
+    pub fn operator(&self, args: &[&str], extra: &[(&str, &str)]) -> std::process::Output {
         let binary = workspace_binary("credential-vault");
         let key = self.dir.path().join("master-key");
-        run_binary(
-            binary.to_str().unwrap(),
-            args,
-            &[
-                ("DATABASE_URL", self._db.url.expose()),
-                ("VAULT_MASTER_KEY_FILE", key.to_str().unwrap()),
-            ],
-        )
+        let mut env = vec![
+            ("DATABASE_URL", self._db.url.expose()),
+            ("VAULT_MASTER_KEY_FILE", key.to_str().unwrap()),
+        ];
+        env.extend_from_slice(extra);
+        run_binary(binary.to_str().unwrap(), args, &env)
     }
 
     /// A token written by `init`: `admin`, `gateway`, `service-registry`, `health-monitor`.

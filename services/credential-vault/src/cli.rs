@@ -536,7 +536,17 @@ async fn rotate_signing_key(env: &Env, retire: Option<PathBuf>) -> anyhow::Resul
             bail!("cannot record the new signing key: {error}");
         }
     };
+    // With Redis the vaults reload now, and the other services right after each vault
+    // announces its own change; otherwise, or should Redis fail, at their next resyncs.
     let resync = config.common.resync_interval;
+    let (vaults_when, services_when) = if announce_signing_keys(&config).await {
+        ("now (announced on Redis)".to_owned(), "right after")
+    } else {
+        (
+            format!("within {resync:?} (their next resync)"),
+            "within one resync of their own after that",
+        )
+    };
     if retire.is_none() {
         let signs_from = chrono::Duration::from_std(config.signing_key_publication())
             .ok()
@@ -546,16 +556,15 @@ async fn rotate_signing_key(env: &Env, retire: Option<PathBuf>) -> anyhow::Resul
                 |at| format!("{} UTC", at.format("%Y-%m-%d %H:%M:%S")),
             );
         println!(
-            "added signing key {}: every vault publishes it within {resync:?} and signs with \
-             it from {signs_from} on; tokens signed before stay valid until they expire",
+            "added signing key {}: every vault publishes it {vaults_when} and signs with it \
+             from {signs_from} on; tokens signed before stay valid until they expire",
             signer.kid(),
         );
         return Ok(());
     }
     println!(
         "added signing key {}, which signs at once, and retired {}: the vaults refuse \
-         tokens those signed within {resync:?} (their next resync), the other services \
-         within one resync of their own after that",
+         tokens those signed {vaults_when}, the other services {services_when}",
         signer.kid(),
         if retired.is_empty() {
             "none".to_owned()
@@ -568,4 +577,29 @@ async fn rotate_signing_key(env: &Env, retire: Option<PathBuf>) -> anyhow::Resul
         println!("  {}", path.display());
     }
     Ok(())
+}
+
+/// Publishes `signing_keys_changed` on `concierge:vault` when `REDIS_URL` is set; whether
+/// it went out. A failure is only reported: the vaults reload at their next resync anyway.
+async fn announce_signing_keys(config: &Config) -> bool {
+    let Some(redis_url) = config.common.redis_url.as_ref() else {
+        return false;
+    };
+    let announced = async {
+        let metrics = events::EventMetrics::new(&prometheus::Registry::new())?;
+        let publisher = events::Publisher::new(Some(redis_url), format!("{NAME} (cli)"), metrics)?;
+        publisher
+            .publish(common::api::Event::SigningKeysChanged {})
+            .await?;
+        Ok::<_, anyhow::Error>(())
+    };
+    match announced.await {
+        Ok(()) => true,
+        Err(error) => {
+            eprintln!(
+                "cannot announce the change on Redis ({error:#}); the vaults pick it up at their next resync"
+            );
+            false
+        }
+    }
 }

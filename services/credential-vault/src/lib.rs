@@ -301,6 +301,7 @@ pub async fn run(
                     Event::CredentialRotated { id, .. } | Event::CredentialDeleted { id, .. } => {
                         reconciler.snapshots.invalidate(&id);
                     }
+                    Event::SigningKeysChanged {} => reconciler.follow_signing_keys().await,
                     _ => {}
                 },
                 Signal::Resync(_) => {
@@ -311,9 +312,7 @@ pub async fn run(
                     if let Err(error) = reconciler.refresh_key_wear().await {
                         tracing::warn!(%error, "cannot count the versions per master key; will retry");
                     }
-                    if let Err(error) = reconciler.reload_signing_keys().await {
-                        tracing::warn!(error = %format!("{error:#}"), "cannot reload the signing keys; will retry");
-                    }
+                    reconciler.follow_signing_keys().await;
                 }
             }
         }

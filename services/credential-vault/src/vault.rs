@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use common::api::Event;
 use common::auth::{Claims, VerifiedTokens, now_unix};
 use common::db::{Db, DbConnection};
 use common::forwarded::TrustedProxies;
@@ -262,13 +263,14 @@ impl Vault {
     /// Opens the signing keys again (reconciliation): a key another vault or the CLI
     /// added is published, one published long enough signs, a retired one no longer
     /// verifies, and the tokens it verified are refused from then on.
-    pub async fn reload_signing_keys(&self) -> anyhow::Result<()> {
+    /// Returns whether anything changed.
+    pub async fn reload_signing_keys(&self) -> anyhow::Result<bool> {
         let fresh = crate::load_keys(&self.db, &self.keyring, self.signing_key_publication)
             .await?
             .signing;
         let current = self.signing();
         if fresh.signer.kid() == current.signer.kid() && fresh.kids() == current.kids() {
-            return Ok(());
+            return Ok(false);
         }
         let retired = current.kids().difference(&fresh.kids()).count();
         tracing::info!(
@@ -287,7 +289,23 @@ impl Vault {
         if retired > 0 {
             self.verified.clear();
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// Reloads the signing keys; when they changed, says so on `concierge:vault`, so that
+    /// the other services fetch this vault's JWKS now, after it has changed.
+    pub async fn follow_signing_keys(&self) {
+        match self.reload_signing_keys().await {
+            Ok(false) => {}
+            Ok(true) => {
+                if let Err(error) = self.publisher.publish(Event::SigningKeysChanged {}).await {
+                    tracing::warn!(%error, "cannot announce the new signing keys; the services reload them at their next resync");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "cannot reload the signing keys; will retry");
+            }
+        }
     }
 
     /// Reloads the revoked set from the database (reconciliation).

@@ -77,6 +77,14 @@ pub async fn follow(shared: Arc<Shared>, source: Option<Source>, mut subscriptio
                     None => Some("resync"),
                 }
             }
+            Signal::Event(envelope) if envelope.event == Event::SigningKeysChanged {} => {
+                if let Some(auth) = &shared.auth
+                    && let Err(error) = auth.reload_keys().await
+                {
+                    tracing::warn!(%error, "cannot reload the signing keys");
+                }
+                None
+            }
             Signal::Event(envelope) => apply(&shared, &mut instances, envelope.event),
         };
         if let Some(cause) = changed {
@@ -117,7 +125,10 @@ fn apply(
             }
             return None;
         }
-        Event::CredentialRotated { .. } | Event::CredentialDeleted { .. } => return None,
+        // The signing keys are reloaded by `follow`, which can wait for the vault.
+        Event::CredentialRotated { .. }
+        | Event::CredentialDeleted { .. }
+        | Event::SigningKeysChanged {} => return None,
     }
     Some("event")
 }

@@ -107,11 +107,15 @@ pub async fn run(
 async fn follow_revocations(auth: Arc<Authenticator>, mut subscription: events::Subscription) {
     while let Some(signal) = subscription.next().await {
         match signal {
-            Signal::Event(envelope) => {
-                if let Event::TokenRevoked { id } = envelope.event {
-                    auth.mark_revoked(id);
+            Signal::Event(envelope) => match envelope.event {
+                Event::TokenRevoked { id } => auth.mark_revoked(id),
+                Event::SigningKeysChanged {} => {
+                    if let Err(error) = auth.reload_keys().await {
+                        tracing::warn!(%error, "cannot reload the signing keys; will retry");
+                    }
                 }
-            }
+                _ => {}
+            },
             Signal::Resync(_) => {
                 if let Err(error) = auth.reload_revoked().await {
                     tracing::warn!(%error, "cannot reload the revoked tokens; will retry");

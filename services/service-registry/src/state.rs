@@ -435,7 +435,10 @@ impl State {
                 }
             }
             Event::TokenRevoked { id } => self.auth.mark_revoked(id),
-            Event::CredentialRotated { .. } | Event::CredentialDeleted { .. } => {}
+            // The signing keys are reloaded by the caller, which can wait for the vault.
+            Event::CredentialRotated { .. }
+            | Event::CredentialDeleted { .. }
+            | Event::SigningKeysChanged {} => {}
         }
     }
 }
