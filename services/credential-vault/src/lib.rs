@@ -268,6 +268,7 @@ pub async fn run(
         keyring: config.keyring.clone(),
         signing: RwLock::new(Arc::new(signing)),
         signing_key_publication: publication,
+        signing_keys_stale: RwLock::new(None),
         hasher,
         publisher: publisher.clone(),
         metrics,
@@ -317,7 +318,14 @@ pub async fn run(
             }
         }
     });
-    let readiness = publisher.add_readiness_check(Readiness::new().with_db(db));
+    let checked = vault.clone();
+    let readiness = publisher.add_readiness_check(Readiness::new().with_db(db).with_check(
+        "signing_keys",
+        move || {
+            let vault = checked.clone();
+            async move { vault.check_signing_keys().await }
+        },
+    ));
     let settings = ServerSettings::new(&config.common, registry, readiness);
     let served = common::http::serve(
         settings,

@@ -2,7 +2,7 @@
 //! they may do, and the audit record of it.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use common::api::Event;
@@ -178,6 +178,9 @@ pub struct Vault {
     pub signing: RwLock<Arc<SigningKeys>>,
     /// How long a new signing key is published before it signs.
     pub signing_key_publication: Duration,
+    /// Why the last reload of the signing keys failed, while it did: the keys in use may
+    /// include one retired since, so the vault is not ready.
+    pub signing_keys_stale: RwLock<Option<String>>,
     pub hasher: AuditHasher,
     pub audit: AuditLog,
     pub publisher: Publisher,
@@ -295,7 +298,15 @@ impl Vault {
     /// Reloads the signing keys; when they changed, says so on `concierge:vault`, so that
     /// the other services fetch this vault's JWKS now, after it has changed.
     pub async fn follow_signing_keys(&self) {
-        match self.reload_signing_keys().await {
+        let reloaded = self.reload_signing_keys().await;
+        *self
+            .signing_keys_stale
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = reloaded
+            .as_ref()
+            .err()
+            .map(|error| format!("cannot reload the signing keys: {error:#}"));
+        match reloaded {
             Ok(false) => {}
             Ok(true) => {
                 if let Err(error) = self.publisher.publish(Event::SigningKeysChanged {}).await {
@@ -306,6 +317,23 @@ impl Vault {
                 tracing::warn!(error = %format!("{error:#}"), "cannot reload the signing keys; will retry");
             }
         }
+    }
+
+    /// For `/ready`: down while the signing keys could not be reloaded, say because a new
+    /// one is sealed under a master key this vault lacks (it would go on trusting a key
+    /// retired meanwhile). Each check tries the reload again, so that a database that
+    /// was briefly away costs no more than its own check does.
+    pub async fn check_signing_keys(&self) -> Result<(), String> {
+        let stale = || {
+            self.signing_keys_stale
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        };
+        if stale().is_some() {
+            self.follow_signing_keys().await;
+        }
+        stale().map_or(Ok(()), Err)
     }
 
     /// Reloads the revoked set from the database (reconciliation).

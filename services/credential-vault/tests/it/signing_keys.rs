@@ -199,3 +199,50 @@ both_backends!(
         );
     }
 );
+
+/// A vault that cannot open a new signing key (sealed under a master key it lacks) might
+/// go on trusting one retired meanwhile: it says so on `/ready` until restarted with that
+/// master key.
+#[tokio::test]
+async fn a_vault_that_cannot_open_a_new_key_is_not_ready_until_it_can() {
+    let fixture = Fixture::new(common::db::Backend::Sqlite);
+    let mut vault = fixture.start().await;
+    let admin = fixture.admin().to_owned();
+    assert_eq!(vault.get("/ready", &admin).await.status, 200);
+
+    let other = fixture.dir.path().join("other-key");
+    crate::support::generate_key(&other);
+    let (current, other) = (
+        fixture.master_key.to_str().unwrap(),
+        other.to_str().unwrap(),
+    );
+    let cli_env = fixture.env(&[
+        ("VAULT_MASTER_KEY_FILE", other),
+        ("VAULT_EXTRA_MASTER_KEY_FILES", current),
+    ]);
+    let out = run_binary(BINARY, &["rotate-signing-key"], &cli_env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // At its next resync (1 s) the reload fails, and /ready says why.
+    wait_until(
+        Duration::from_secs(3),
+        "/ready down for the keys",
+        || async { vault.get("/ready", &admin).await.status == 503 },
+    )
+    .await;
+    let problem = vault.get("/ready", &admin).await.json();
+    assert_eq!(problem["checks"]["signing_keys"], "down", "{problem}");
+    assert_eq!(problem["checks"]["database"], "up", "{problem}");
+
+    // Restarted with both master keys, it opens the new key and is ready.
+    assert!(vault.process.terminate().success());
+    let vault = fixture
+        .start_with(&[("VAULT_EXTRA_MASTER_KEY_FILES", other)])
+        .await;
+    assert_eq!(vault.get("/ready", &admin).await.status, 200);
+    assert_eq!(published(&vault, &admin).await.len(), 2);
+}
