@@ -518,6 +518,31 @@ impl Authenticator {
         };
     }
 
+    /// What the vault announced, applied: a revocation, or signing keys to fetch again.
+    /// Other events are not this one's business.
+    pub async fn follow(&self, event: &crate::api::Event) {
+        match event {
+            crate::api::Event::TokenRevoked { id } => self.mark_revoked(id.clone()),
+            crate::api::Event::SigningKeysChanged {} => {
+                if let Err(error) = self.reload_keys().await {
+                    tracing::warn!(%error, "cannot reload the signing keys; will retry");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Reconciliation, for every resync: the revocation list and the signing keys again,
+    /// whatever events were missed. A failure is logged; the next resync tries again.
+    pub async fn resync(&self) {
+        if let Err(error) = self.reload_revoked().await {
+            tracing::warn!(%error, "cannot reload the revoked tokens; will retry");
+        }
+        if let Err(error) = self.reload_keys().await {
+            tracing::warn!(%error, "cannot reload the signing keys; will retry");
+        }
+    }
+
     /// Reloads the signing keys from the vault's JWKS (reconciliation). Tokens verified
     /// under a key now gone (retired after a leak) are refused from then on; the cache
     /// lets them go.

@@ -55,12 +55,7 @@ pub async fn follow(shared: Arc<Shared>, source: Option<Source>, mut subscriptio
             Signal::Resync(_) => {
                 close_idle_connections(&shared);
                 if let Some(auth) = &shared.auth {
-                    if let Err(error) = auth.reload_revoked().await {
-                        tracing::warn!(%error, "cannot reload the revoked tokens");
-                    }
-                    if let Err(error) = auth.reload_keys().await {
-                        tracing::warn!(%error, "cannot reload the signing keys");
-                    }
+                    auth.resync().await;
                 }
                 match &source {
                     Some(source) => match source.load().await {
@@ -77,15 +72,12 @@ pub async fn follow(shared: Arc<Shared>, source: Option<Source>, mut subscriptio
                     None => Some("resync"),
                 }
             }
-            Signal::Event(envelope) if envelope.event == Event::SigningKeysChanged {} => {
-                if let Some(auth) = &shared.auth
-                    && let Err(error) = auth.reload_keys().await
-                {
-                    tracing::warn!(%error, "cannot reload the signing keys");
+            Signal::Event(envelope) => {
+                if let Some(auth) = &shared.auth {
+                    auth.follow(&envelope.event).await;
                 }
-                None
+                apply(&mut instances, envelope.event)
             }
-            Signal::Event(envelope) => apply(&shared, &mut instances, envelope.event),
         };
         if let Some(cause) = changed {
             rebuild(&shared, &instances, cause);
@@ -101,11 +93,7 @@ fn close_idle_connections(shared: &Shared) {
 }
 
 /// Applies one event; `Some` when the routes changed.
-fn apply(
-    shared: &Shared,
-    instances: &mut BTreeMap<String, Instance>,
-    event: Event,
-) -> Option<&'static str> {
+fn apply(instances: &mut BTreeMap<String, Instance>, event: Event) -> Option<&'static str> {
     match event {
         Event::InstanceRegistered { instance } | Event::InstanceUpdated { instance } => {
             instances.insert(instance.instance_id.clone(), instance);
@@ -119,14 +107,9 @@ fn apply(
             let instance = instances.get_mut(&instance_id)?;
             instance.health = to;
         }
-        Event::TokenRevoked { id } => {
-            if let Some(auth) = &shared.auth {
-                auth.mark_revoked(id);
-            }
-            return None;
-        }
-        // The signing keys are reloaded by `follow`, which can wait for the vault.
-        Event::CredentialRotated { .. }
+        // The vault's events are the `Authenticator`'s (`follow`).
+        Event::TokenRevoked { .. }
+        | Event::CredentialRotated { .. }
         | Event::CredentialDeleted { .. }
         | Event::SigningKeysChanged {} => return None,
     }

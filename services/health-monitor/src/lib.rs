@@ -24,7 +24,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 use anyhow::Context;
-use common::api::{Channel, Event};
+use common::api::Channel;
 use common::auth::Authenticator;
 use common::config::{CommonConfig, ConfigError, Env};
 use common::db::{Db, Migrations};
@@ -107,23 +107,8 @@ pub async fn run(
 async fn follow_revocations(auth: Arc<Authenticator>, mut subscription: events::Subscription) {
     while let Some(signal) = subscription.next().await {
         match signal {
-            Signal::Event(envelope) => match envelope.event {
-                Event::TokenRevoked { id } => auth.mark_revoked(id),
-                Event::SigningKeysChanged {} => {
-                    if let Err(error) = auth.reload_keys().await {
-                        tracing::warn!(%error, "cannot reload the signing keys; will retry");
-                    }
-                }
-                _ => {}
-            },
-            Signal::Resync(_) => {
-                if let Err(error) = auth.reload_revoked().await {
-                    tracing::warn!(%error, "cannot reload the revoked tokens; will retry");
-                }
-                if let Err(error) = auth.reload_keys().await {
-                    tracing::warn!(%error, "cannot reload the signing keys; will retry");
-                }
-            }
+            Signal::Event(envelope) => auth.follow(&envelope.event).await,
+            Signal::Resync(_) => auth.resync().await,
         }
     }
 }

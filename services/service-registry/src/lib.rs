@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use actix_web::web;
 use anyhow::Context;
-use common::api::{Channel, Event};
+use common::api::Channel;
 use common::auth::Authenticator;
 use common::client::HttpClient;
 use common::config::{CommonConfig, ConfigError, DatabaseConfig, Env};
@@ -133,22 +133,15 @@ pub async fn run(
     let follow = tokio::spawn(async move {
         while let Some(signal) = subscription.next().await {
             match signal {
-                Signal::Event(envelope) if envelope.event == Event::SigningKeysChanged {} => {
-                    if let Err(error) = follower.auth.reload_keys().await {
-                        tracing::warn!(%error, "cannot reload the signing keys; will retry");
-                    }
+                Signal::Event(envelope) => {
+                    follower.auth.follow(&envelope.event).await;
+                    follower.apply(envelope.event);
                 }
-                Signal::Event(envelope) => follower.apply(envelope.event),
                 Signal::Resync(_) => {
                     if let Err(error) = follower.reload().await {
                         tracing::warn!(%error, "cannot reload the catalog; will retry");
                     }
-                    if let Err(error) = follower.auth.reload_revoked().await {
-                        tracing::warn!(%error, "cannot reload revoked tokens; will retry");
-                    }
-                    if let Err(error) = follower.auth.reload_keys().await {
-                        tracing::warn!(%error, "cannot reload the signing keys; will retry");
-                    }
+                    follower.auth.resync().await;
                 }
             }
         }

@@ -434,9 +434,9 @@ impl State {
                     self.catalog.upsert(instance);
                 }
             }
-            Event::TokenRevoked { id } => self.auth.mark_revoked(id),
-            // The signing keys are reloaded by the caller, which can wait for the vault.
-            Event::CredentialRotated { .. }
+            // The vault's events are the `Authenticator`'s (its `follow`, by the caller).
+            Event::TokenRevoked { .. }
+            | Event::CredentialRotated { .. }
             | Event::CredentialDeleted { .. }
             | Event::SigningKeysChanged {} => {}
         }
