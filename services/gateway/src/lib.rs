@@ -274,6 +274,8 @@ async fn dispatch(
     path: &str,
 ) -> Result<Served, Failure> {
     routing::check(path, req.uri().query()).map_err(|e| unmatched(GatewayError::BadTarget(e)))?;
+    let normal = routing::normalize(path);
+    let path = normal.as_ref();
     // Identity comes from the gateway alone, whatever the client sent.
     req.headers_mut().remove(proxy::SUBJECT_HEADER);
 

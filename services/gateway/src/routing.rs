@@ -2,7 +2,10 @@
 //! encoding, dot segments), and the prefix arithmetic the route table and policies share.
 //!
 //! This is the part of the gateway that reads untrusted input before anything else, so
-//! it is pure, allocation-free and covered by a property test.
+//! it is pure, allocates only to normalise an escaped path, and is covered by a property
+//! test.
+
+use std::borrow::Cow;
 
 /// The longest request target (path and query) accepted; nginx's default header buffer
 /// is 8 KiB too.
@@ -20,9 +23,10 @@ pub enum BadTarget {
 /// Checks a path (and its query) before it is matched against any route.
 ///
 /// Refused: anything not starting with `/` (`*`, authority form), `.` and `..` segments
-/// (also percent-encoded), encoded slashes and backslashes (`%2f`, `%5c`), encoded NUL,
-/// raw backslashes, and broken percent-encoding. An upstream that decoded those itself
-/// could be led outside the prefix the gateway routed on.
+/// (also percent-encoded, and with path parameters: `..;x`, which Tomcat and Spring read as
+/// `..`), encoded slashes and backslashes (`%2f`, `%5c`), encoded NUL, raw backslashes, and
+/// broken percent-encoding. An upstream that decoded those itself could be led outside the
+/// prefix the gateway routed on.
 pub fn check(path: &str, query: Option<&str>) -> Result<(), BadTarget> {
     if path.len() + query.map_or(0, |q| q.len() + 1) > MAX_TARGET_BYTES {
         return Err(BadTarget::TooLong);
@@ -53,7 +57,8 @@ pub fn check(path: &str, query: Option<&str>) -> Result<(), BadTarget> {
         i += 1;
     }
     for segment in path.split('/') {
-        if is_dot_segment(segment) {
+        let before_parameters = segment.split(';').next().unwrap_or(segment);
+        if is_dot_segment(before_parameters) {
             return Err(BadTarget::Malformed(
                 "'.' and '..' segments are not allowed in paths",
             ));
@@ -65,6 +70,49 @@ pub fn check(path: &str, query: Option<&str>) -> Result<(), BadTarget> {
         return Err(BadTarget::Malformed("a fragment is not part of a request"));
     }
     Ok(())
+}
+
+/// `path` in the one spelling routes and policies are matched on, and that goes upstream:
+/// percent-encoded unreserved characters decoded (`%61dmin` is `admin`), the hex digits of
+/// every other escape in upper case (RFC 3986 §6.2.2). Without it `/shop/%61dmin` would
+/// slip past a policy on `/shop/admin` to an upstream that decodes it. `path` has passed
+/// [`check`]; a broken escape is left as it is.
+pub fn normalize(path: &str) -> Cow<'_, str> {
+    if !path.contains('%') {
+        return Cow::Borrowed(path);
+    }
+    let bytes = path.as_bytes();
+    let mut normal = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escape = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| Some((hex, hex_value(hex[0])? * 16 + hex_value(hex[1])?)));
+        match escape {
+            Some((_, decoded)) if is_unreserved(decoded) => normal.push(char::from(decoded)),
+            Some((hex, _)) => {
+                normal.push('%');
+                normal.push(char::from(hex[0].to_ascii_uppercase()));
+                normal.push(char::from(hex[1].to_ascii_uppercase()));
+            }
+            None => {
+                // Not an escape: copy it, and all up to the next `%`, whole.
+                let from = i + usize::from(bytes[i] == b'%');
+                let end = path[from..].find('%').map_or(path.len(), |at| from + at);
+                normal.push_str(&path[i..end]);
+                i = end;
+                continue;
+            }
+        }
+        i += 3;
+    }
+    Cow::Owned(normal)
+}
+
+/// RFC 3986 §2.3: what never needs escaping, so its escaped spelling means the same.
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
 fn hex_value(b: u8) -> Option<u8> {
@@ -98,11 +146,12 @@ fn is_dot_segment(segment: &str) -> bool {
 }
 
 /// Whether `path` is `prefix` or below it, on a segment boundary: `/shop` covers `/shop`
-/// and `/shop/cart` but not `/shopping`. `/` covers everything.
+/// and `/shop/cart` but not `/shopping`. `/` covers everything. A path parameter ends a
+/// segment too (`/shop;x/cart`), since servers such as Tomcat drop it before routing.
 pub fn is_under(path: &str, prefix: &str) -> bool {
     prefix == "/"
         || (path.starts_with(prefix)
-            && (path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/'))
+            && (path.len() == prefix.len() || matches!(path.as_bytes()[prefix.len()], b'/' | b';')))
 }
 
 /// `path` with `prefix` taken off (`/payments/charge` → `/charge`, `/payments` → `/`).
@@ -162,6 +211,9 @@ mod tests {
             "/a%00",
             "/a%zz",
             "/a%2",
+            "/a/..;x/b",
+            "/a/.;/b",
+            "/a/%2e%2E;jsessionid=1",
         ] {
             assert!(
                 matches!(check(path, None), Err(BadTarget::Malformed(_))),
@@ -173,9 +225,19 @@ mod tests {
     }
 
     #[test]
+    fn escapes_of_unreserved_characters_are_decoded_and_the_rest_upper_cased() {
+        assert_eq!(normalize("/shop/%61dmin/users"), "/shop/admin/users");
+        assert_eq!(normalize("/%7Eme%2d%5F%2E%30"), "/~me-_.0");
+        assert_eq!(normalize("/a%20b%3fc%c3%a9"), "/a%20b%3Fc%C3%A9");
+        assert_eq!(normalize("/é%41é"), "/éAé");
+        assert!(matches!(normalize("/plain/path"), Cow::Borrowed(_)));
+    }
+
+    #[test]
     fn prefixes_respect_segment_boundaries() {
         assert!(is_under("/shop", "/shop"));
         assert!(is_under("/shop/cart", "/shop"));
+        assert!(is_under("/shop/admin;x/users", "/shop/admin"));
         assert!(!is_under("/shopping", "/shop"));
         assert!(is_under("/anything", "/"));
         assert_eq!(strip("/payments/charge?x", "/payments"), "/charge?x");
@@ -209,6 +271,9 @@ mod properties {
                     Just("%2F".to_owned()),
                     Just("%5c".to_owned()),
                     Just("%00".to_owned()),
+                    Just("%61".to_owned()),
+                    Just(";".to_owned()),
+                    Just("..;".to_owned()),
                     Just("shop".to_owned()),
                     Just("api".to_owned()),
                     Just("credentials".to_owned()),
@@ -280,6 +345,9 @@ mod properties {
                         let decoded = segment.replace("%2e", ".");
                         prop_assert!(decoded != "." && decoded != "..", "{path}");
                     }
+                    let normal = normalize(&path);
+                    prop_assert_eq!(check(&normal, query.as_deref()), Ok(()));
+                    prop_assert_eq!(&normalize(&normal), &normal);
                     if let Some(route) = table.resolve(&path) {
                         prop_assert!(is_under(&path, &route.prefix));
                         let upstream = if route.strip { strip(&path, &route.prefix) } else { &path };

@@ -535,3 +535,32 @@ async fn the_vaults_audit_log_names_the_client_behind_the_gateway() {
     assert_eq!(created.len(), 1, "{audit}");
     assert_eq!(created[0]["client_addr"], "127.0.0.2");
 }
+
+#[tokio::test]
+async fn a_policy_holds_for_every_spelling_of_its_path() {
+    let dir = testkit::TempDir::new("gateway-routes").unwrap();
+    let routes = routes_file(
+        &dir,
+        json!({"routes": [{"prefix": "/echo/admin", "require_token": true}]}),
+    );
+    let stack = Stack::start(&[("ROUTES_FILE", &routes)]).await;
+    let echo = Upstream::start("echo").await;
+    stack.register("echo", "e-1", echo.port, json!({})).await;
+    stack.wait_for("/echo/x", 200).await;
+
+    // An upstream would read each of these as /admin/users: each needs the token.
+    for path in [
+        "/echo/admin/users",
+        "/echo/%61dmin/users",
+        "/echo/%61%64%6D%69%6E/users",
+        "/echo/admin;v=1/users",
+    ] {
+        assert_eq!(stack.get(path).await.status, 401, "{path}");
+    }
+    // Tomcat and Spring read `..;` as `..`.
+    assert_eq!(stack.get("/echo/x/..;/admin/users").await.status, 400);
+    // The upstream gets the path in the one spelling the gateway matched on.
+    let answer = stack.get("/echo/%7euser/a%2db%3f?q=%61").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json()["path"], "/~user/a-b%3F?q=%61");
+}
