@@ -155,6 +155,7 @@ pub async fn proxy_request(
             path_and_query,
             headers,
             body,
+            body_watch: None,
             upgrade: None,
             accepts_trailers: false,
         },

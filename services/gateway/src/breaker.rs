@@ -305,6 +305,26 @@ impl Breaker {
         self.changed(before)
     }
 
+    /// Gives back the probe slot of a request that ended with nothing to judge the instance
+    /// by: the client went away, or the request failed on the client's side of the exchange.
+    /// Without it a half-open circuit whose probes were all cancelled would stay half-open,
+    /// admitting nothing, for good.
+    pub fn release(&mut self, admission: Admission) {
+        if let (
+            Inner::HalfOpen {
+                in_flight,
+                successes,
+            },
+            Admission::Probe,
+        ) = (self.inner, admission)
+        {
+            self.inner = Inner::HalfOpen {
+                in_flight: in_flight.saturating_sub(1),
+                successes,
+            };
+        }
+    }
+
     /// (requests, failures) over the window, for the status endpoint.
     pub fn recent(&self, now: Instant) -> (u32, u32) {
         self.window.totals(now)
@@ -391,6 +411,31 @@ mod tests {
             breaker.record(Admission::Probe, Outcome::Success, t1),
             Some(CircuitState::Closed)
         );
+    }
+
+    #[test]
+    fn probes_that_end_without_an_outcome_give_their_slot_back() {
+        let t0 = Instant::now();
+        let mut breaker = Breaker::new(config(), t0);
+        run(&mut breaker, Outcome::ConnectFailure, t0);
+        let t1 = t0 + Duration::from_secs(5);
+        for _ in 0..3 {
+            let first = breaker.admit(t1).0.expect("a probe");
+            let second = breaker.admit(t1).0.expect("a probe");
+            assert_eq!(breaker.admit(t1).0, None, "both probe slots are taken");
+            // Their clients went away: nothing was learnt of the instance.
+            breaker.release(first);
+            breaker.release(second);
+        }
+        assert_eq!(breaker.state(t1), CircuitState::HalfOpen);
+        assert_eq!(run(&mut breaker, Outcome::Success, t1), None);
+        assert_eq!(
+            run(&mut breaker, Outcome::Success, t1),
+            Some(CircuitState::Closed)
+        );
+        // A closed circuit has no slots to give back.
+        breaker.release(Admission::Normal);
+        assert_eq!(breaker.state(t1), CircuitState::Closed);
     }
 
     #[test]

@@ -38,7 +38,7 @@ use common::readiness::Readiness;
 use events::{EventMetrics, Publisher};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 pub use config::Config;
@@ -379,16 +379,18 @@ fn outgoing(
         claims.map(|c| c.sub.as_str()),
         upgrade.is_some(),
     );
-    let body = if http_body::Body::is_end_stream(&body) {
-        RequestBody::Empty
+    let (body, body_watch) = if http_body::Body::is_end_stream(&body) {
+        (RequestBody::Empty, None)
     } else {
-        RequestBody::Stream(Limited::new(body, limit).boxed())
+        let (body, watch) = proxy::client_body::Watched::new(body, limit);
+        (RequestBody::Stream(body.boxed()), Some(watch))
     };
     Ok(Outgoing {
         method: parts.method,
         path_and_query,
         headers: parts.headers,
         body,
+        body_watch,
         upgrade,
         accepts_trailers,
     })

@@ -4,6 +4,7 @@
 //! The only module that uses the hyper client (STYLE.md, "one door"); `connections`
 //! keeps the connections it is sent over.
 
+pub mod client_body;
 mod connections;
 
 use std::net::IpAddr;
@@ -27,6 +28,7 @@ use crate::config::{RoutePolicy, UpstreamProtocol};
 use crate::error::GatewayError;
 use crate::metrics::{Attempt, GatewayMetrics};
 use crate::table::{Endpoint, Live, Pool};
+use client_body::Fate;
 
 pub use connections::{IdleConnections, SharedConnection, Upstreams};
 use connections::{Lent, Sent};
@@ -76,6 +78,8 @@ pub struct Outgoing {
     pub path_and_query: String,
     pub headers: HeaderMap,
     pub body: RequestBody,
+    /// What became of a body streamed from the client.
+    pub body_watch: Option<Arc<client_body::Watch>>,
     pub upgrade: Option<OnUpgrade>,
     /// The client said `TE: trailers`, which HTTP/2 carries end to end (gRPC needs it).
     pub accepts_trailers: bool,
@@ -164,6 +168,9 @@ pub async fn forward(
     pool.budget.deposit();
     let mut tried: Vec<usize> = Vec::with_capacity(MAX_ATTEMPTS);
     let mut last_error = None;
+    // A 503 an instance answered before the request went on to another: the client's
+    // answer if no other instance answers, rather than a failure the gateway makes up.
+    let mut held = None;
     loop {
         let now = Instant::now();
         let constraints = Constraints {
@@ -173,7 +180,9 @@ pub async fn forward(
             exclude: &tried,
         };
         let Some(index) = balance::pick(pool, constraints, now) else {
-            return Err(last_error.unwrap_or_else(|| GatewayError::NoInstance(service.to_owned())));
+            return held.ok_or_else(|| {
+                last_error.unwrap_or_else(|| GatewayError::NoInstance(service.to_owned()))
+            });
         };
         tried.push(index);
         let endpoint = &pool.endpoints[index];
@@ -186,6 +195,11 @@ pub async fn forward(
         };
         let Some(admission) = admission else {
             continue; // its last probe slot went to another request meanwhile
+        };
+        let admission = Admitted {
+            live: &endpoint.live,
+            admission,
+            judged: false,
         };
         let body = outgoing.body.take();
         // The headers are needed again only if another instance may be tried.
@@ -238,11 +252,11 @@ pub async fn forward(
                 );
                 let may_retry =
                     status == StatusCode::SERVICE_UNAVAILABLE && replayable && idempotent;
+                let answered = Answered {
+                    instance: endpoint.instance_id.clone(),
+                    attempts: tried.len(),
+                };
                 if !(may_retry && retry(cx, pool, &tried, "status_503")) {
-                    let answered = Answered {
-                        instance: endpoint.instance_id.clone(),
-                        attempts: tried.len(),
-                    };
                     if status == StatusCode::SWITCHING_PROTOCOLS
                         && let Some(client_side) = outgoing.upgrade.take()
                     {
@@ -255,6 +269,10 @@ pub async fn forward(
                         answered,
                     ));
                 }
+                held = Some((
+                    downstream(response, false).map(|body| track(body, guard)),
+                    answered,
+                ));
                 GatewayError::Upstream {
                     service: service.to_owned(),
                     instance: endpoint.instance_id.to_string(),
@@ -264,8 +282,28 @@ pub async fn forward(
             Ok((Err(error), _guard)) => {
                 let connect = error.is_connect();
                 let error = error.error();
-                if caused_by_body_limit(error) {
-                    return Err(GatewayError::BodyTooLarge(cx.body_limit));
+                // The client's body failed, not the instance: nothing to judge it by.
+                match outgoing
+                    .body_watch
+                    .as_ref()
+                    .map_or(Fate::Sound, |w| w.fate())
+                {
+                    Fate::Sound => {}
+                    Fate::TooLarge => return Err(GatewayError::BodyTooLarge(cx.body_limit)),
+                    Fate::Broken => {
+                        return Err(GatewayError::BadRequest(
+                            "the request body could not be read".into(),
+                        ));
+                    }
+                }
+                // An upgrade goes over HTTP/1.1 even on an h2c route, whose instances may
+                // not speak it: their refusal must not open their circuits.
+                if outgoing.upgrade.is_some() && policy.protocol == UpstreamProtocol::H2c {
+                    return Err(GatewayError::Upstream {
+                        service: service.to_owned(),
+                        instance: endpoint.instance_id.to_string(),
+                        cause: format!("the upgrade over HTTP/1.1 failed: {}", chain(error)),
+                    });
                 }
                 let outcome = if connect {
                     Outcome::ConnectFailure
@@ -307,7 +345,7 @@ pub async fn forward(
                     "reset"
                 };
                 if !(may_retry && retry(cx, pool, &tried, reason)) {
-                    return Err(failure);
+                    return held.ok_or(failure);
                 }
                 failure
             }
@@ -321,11 +359,12 @@ pub async fn forward(
                     started + elapsed,
                 );
                 pool.metrics.upstream(Attempt::Timeout, elapsed);
-                return Err(GatewayError::Timeout {
+                let failure = GatewayError::Timeout {
                     service: service.to_owned(),
                     instance: endpoint.instance_id.to_string(),
                     timeout: policy.timeout,
-                });
+                };
+                return held.ok_or(failure);
             }
         };
         tracing::debug!(error = %attempt_error, "retrying on another instance");
@@ -345,18 +384,39 @@ fn retry(cx: Context<'_>, pool: &Pool, tried: &[usize], reason: &str) -> bool {
     true
 }
 
+/// A breaker's admission until the instance is judged by how the request went. Dropped
+/// unjudged (the client went away, or its own body failed), it gives a half-open circuit's
+/// probe slot back.
+struct Admitted<'a> {
+    live: &'a Live,
+    admission: Admission,
+    judged: bool,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if !self.judged {
+            self.live.breaker().release(self.admission);
+        }
+    }
+}
+
 fn record(
     cx: Context<'_>,
     pool: &Pool,
     endpoint: &Endpoint,
-    admission: Admission,
+    mut admission: Admitted<'_>,
     outcome: Outcome,
     now: Instant,
 ) {
     if outcome != Outcome::Success {
         endpoint.live.failures.fetch_add(1, Ordering::Relaxed);
     }
-    let transition = endpoint.live.breaker().record(admission, outcome, now);
+    admission.judged = true;
+    let transition = endpoint
+        .live
+        .breaker()
+        .record(admission.admission, outcome, now);
     if let Some(state) = transition {
         tracing::info!(
             service = &*pool.service,
@@ -617,11 +677,6 @@ fn track(body: Body, guard: InFlight) -> Body {
     })
 }
 
-/// Whether the request failed because the client's body went over the limit.
-fn caused_by_body_limit(error: &(dyn std::error::Error + 'static)) -> bool {
-    cause::<http_body_util::LengthLimitError>(error).is_some()
-}
-
 /// Whether an h2c instance said it did not process the request (RFC 9113 §8.7): it
 /// refused the stream, or shut down gracefully before reaching it. A GOAWAY with an error
 /// code is left out: the h2 crate may report it on streams the instance had processed.
@@ -681,6 +736,7 @@ mod tests {
             path_and_query: "/items?page=2".into(),
             headers: HeaderMap::new(),
             body: RequestBody::Empty,
+            body_watch: None,
             upgrade: None,
             accepts_trailers: false,
         };

@@ -139,7 +139,7 @@ async fn control_plane_routes_need_a_token_and_revocations_take_hold() {
 }
 
 /// Sends raw bytes and reads the status line's code.
-async fn raw_status(stack: &Stack, request: &[u8]) -> u16 {
+pub async fn raw_status(stack: &Stack, request: &[u8]) -> u16 {
     raw_status_from(stack, [127, 0, 0, 1], request).await
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use common::testing::{ServiceProcess, dark_port};
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 
 use crate::support::{GATEWAY, Stack, Upstream, burst, get, instance_status, metric};
 
@@ -323,4 +324,156 @@ async fn a_get_on_a_connection_closed_under_it_goes_again_on_a_new_one() {
         .unwrap();
     let answer = stack.client.send(request).await.unwrap();
     assert_eq!(answer.status, 502, "{:?}", answer.json());
+}
+
+/// A half-open circuit's probes whose clients go away before the answer teach nothing of
+/// the instance: their slots come back, and the next request probes.
+#[tokio::test]
+async fn probes_whose_clients_go_away_leave_the_circuit_able_to_close() {
+    let stack = Stack::start(&[
+        ("CIRCUIT_FAILURES", "3"),
+        ("CIRCUIT_COOLDOWN", "1s"),
+        ("CIRCUIT_PROBES", "2"),
+    ])
+    .await;
+    let flaky = Upstream::start("flaky").await;
+    stack.register("flaky", "f-1", flaky.port, json!({})).await;
+    stack.wait_for("/flaky/flaky", 200).await;
+    flaky.failing.store(true, Ordering::Relaxed);
+    for _ in 0..3 {
+        assert_eq!(stack.get("/flaky/flaky").await.status, 500);
+    }
+    assert_eq!(stack.get("/flaky/flaky").await.status, 503, "open");
+    flaky.failing.store(false, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // Both probe slots go to slow requests whose clients hang up.
+    let hits = flaky.hits.load(Ordering::Relaxed);
+    for _ in 0..2 {
+        let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
+            .await
+            .unwrap();
+        socket
+            .write_all(b"GET /flaky/sleep/5000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        while flaky.hits.load(Ordering::Relaxed) == hits {
+            assert!(started.elapsed() < Duration::from_secs(5), "never probed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(socket);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stack.get("/flaky/flaky").await.status, 200, "probed again");
+    assert_eq!(stack.get("/flaky/flaky").await.status, 200);
+    let status = stack.status().await;
+    assert_eq!(
+        instance_status(&status, "flaky", "f-1")["circuit"],
+        "closed"
+    );
+}
+
+/// A client's broken request body is the client's failure, not the instance's: it gets a
+/// 400, and no number of them opens a healthy instance's circuit.
+#[tokio::test]
+async fn broken_request_bodies_never_open_a_circuit() {
+    for protocol in ["http1", "h2c"] {
+        let stack =
+            Stack::start(&[("CIRCUIT_FAILURES", "3"), ("UPSTREAM_PROTOCOL", protocol)]).await;
+        let echo = Upstream::start("echo").await;
+        stack.register("echo", "e-1", echo.port, json!({})).await;
+        stack.wait_for("/echo/x", 200).await;
+        for _ in 0..5 {
+            let status = crate::edge::raw_status(
+                &stack,
+                b"POST /echo/upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  5\r\nhello\r\nzz-not-a-size\r\n\r\n",
+            )
+            .await;
+            assert_eq!(status, 400, "{protocol}: {}", stack.gateway.output());
+        }
+        assert_eq!(stack.get("/echo/x").await.status, 200, "{protocol}");
+        let status = stack.status().await;
+        assert_eq!(
+            instance_status(&status, "echo", "e-1")["circuit"],
+            "closed",
+            "{protocol}"
+        );
+    }
+}
+
+/// An instance's 503 reaches the client when no other instance can take the request on,
+/// rather than a 502 the gateway makes up.
+#[tokio::test]
+async fn a_503_reaches_the_client_when_no_other_instance_can_take_the_request() {
+    let stack = Stack::start(&[]).await;
+    let busy = Upstream::start("busy").await;
+    let spare = Upstream::start("spare").await;
+    stack.register("busy", "b-1", busy.port, json!({})).await;
+    stack.register("busy", "b-2", spare.port, json!({})).await;
+    stack.set_health("busy", "b-2", "offline").await;
+    let mut in_a_row = 0;
+    let started = std::time::Instant::now();
+    while in_a_row < 10 {
+        assert!(started.elapsed() < Duration::from_secs(5), "b-2 still used");
+        let answer = stack.get("/busy/x").await;
+        in_a_row = if answer.status == 200 && answer.json()["instance"] == "busy" {
+            in_a_row + 1
+        } else {
+            0
+        };
+    }
+    let (busy_hits, spare_hits) = (
+        busy.hits.load(Ordering::Relaxed),
+        spare.hits.load(Ordering::Relaxed),
+    );
+    let answer = stack.get("/busy/status/503").await;
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.body.len(), 0, "the instance's answer, not a problem");
+    assert_eq!(busy.hits.load(Ordering::Relaxed), busy_hits + 1);
+    assert_eq!(spare.hits.load(Ordering::Relaxed), spare_hits);
+}
+
+/// An instance that speaks HTTP/2 alone and answers every stream with an empty 200.
+async fn h2_only_instance() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                    let _ = respond.send_response(http::Response::new(()), true);
+                }
+            });
+        }
+    });
+    port
+}
+
+/// An upgrade goes over HTTP/1.1 even on an h2c route; an instance that speaks HTTP/2 alone
+/// fails it, and that must not open its circuit: any client could shut the route.
+#[tokio::test]
+async fn upgrades_an_h2c_instance_cannot_take_never_open_its_circuit() {
+    let stack = Stack::start(&[("CIRCUIT_FAILURES", "3"), ("UPSTREAM_PROTOCOL", "h2c")]).await;
+    let port = h2_only_instance().await;
+    stack.register("grpc", "g-1", port, json!({})).await;
+    stack.wait_for("/grpc/x", 200).await;
+    for _ in 0..5 {
+        let status = crate::edge::raw_status(
+            &stack,
+            b"GET /grpc/ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await;
+        assert_eq!(status, 502);
+    }
+    assert_eq!(stack.get("/grpc/x").await.status, 200);
+    let status = stack.status().await;
+    assert_eq!(instance_status(&status, "grpc", "g-1")["circuit"], "closed");
 }

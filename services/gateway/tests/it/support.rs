@@ -295,7 +295,10 @@ impl Upstream {
             let mut received = 0usize;
             let mut body = req.into_body();
             while let Some(frame) = body.frame().await {
-                if let Ok(data) = frame.unwrap().into_data() {
+                let Ok(frame) = frame else {
+                    return json_answer(StatusCode::BAD_REQUEST, json!({ "received": received }));
+                };
+                if let Ok(data) = frame.into_data() {
                     received += data.len();
                 }
             }
