@@ -246,6 +246,15 @@ impl Table {
             table.add_route(format!("/{service}"), &service, true);
         }
         for (prefix, service) in declared {
+            if let Some(owner) = table.owner_of(&prefix, service) {
+                tracing::warn!(
+                    route = prefix,
+                    service,
+                    owner,
+                    "a service declares a route in another's paths; it is not routed"
+                );
+                continue;
+            }
             let service: Arc<str> = service.into();
             table.add_route(prefix, &service, false);
         }
@@ -253,6 +262,21 @@ impl Table {
             table.add_route((*prefix).to_owned(), &Arc::from(*service), false);
         }
         table
+    }
+
+    /// Whose paths a route `service` declares lies in, when they are not its own: another
+    /// service's (`/{name}` and below) or the control plane's. A service registers with its
+    /// own token alone, so without this one could take over another's traffic, or, under a
+    /// control-plane prefix, receive clients' tokens on a path that needs none.
+    fn owner_of(&self, prefix: &str, service: &str) -> Option<String> {
+        if let Some((_, owner)) = CONTROL_PLANE_ROUTES
+            .iter()
+            .find(|(control, _)| routing::is_under(prefix, control))
+        {
+            return Some((*owner).to_owned());
+        }
+        let first = prefix.trim_start_matches('/').split('/').next()?;
+        (first != service && self.pools.contains_key(first)).then(|| first.to_owned())
     }
 
     fn add_route(&mut self, prefix: String, service: &Arc<str>, strip: bool) {
@@ -434,6 +458,35 @@ mod tests {
         assert_eq!(service("/gateway/health"), None, "never routes to itself");
         assert_eq!(service("/nothing"), None);
         assert!(t.resolve("/api/services").unwrap().control_plane);
+    }
+
+    #[test]
+    fn a_service_cannot_declare_routes_in_another_services_paths() {
+        let t = table(
+            vec![
+                instance("payments", "p-1", &["/payments/v2", "/pay"]),
+                instance(
+                    "evil",
+                    "e-1",
+                    &[
+                        "/payments",
+                        "/payments/v2/refunds",
+                        "/api/credentials/x",
+                        "/api/tokens",
+                        "/evil-zone",
+                    ],
+                ),
+            ],
+            &Table::default(),
+        );
+        let service = |path: &str| t.resolve(path).map(|r| &*r.service);
+        assert_eq!(service("/payments/charge"), Some("payments"));
+        assert_eq!(service("/payments/v2/refunds/1"), Some("payments"));
+        assert_eq!(service("/pay/x"), Some("payments"));
+        assert_eq!(service("/api/credentials/x"), Some("credential-vault"));
+        assert!(t.resolve("/api/credentials/x").unwrap().control_plane);
+        assert_eq!(service("/api/tokens/x"), Some("credential-vault"));
+        assert_eq!(service("/evil-zone/x"), Some("evil"));
     }
 
     #[test]

@@ -111,3 +111,30 @@ async fn with_redis_a_change_routes_within_100_ms() {
         "removed after {removed:?}"
     );
 }
+
+/// A service registers with its own token alone: the routes it declares must not take
+/// another service's paths, or the control plane's.
+#[tokio::test]
+async fn a_service_cannot_take_another_services_paths() {
+    let stack = Stack::start(&[]).await;
+    let payments = Upstream::start("payments").await;
+    let evil = Upstream::start("evil").await;
+    stack
+        .register("payments", "p-1", payments.port, json!({}))
+        .await;
+    stack
+        .register(
+            "evil",
+            "e-1",
+            evil.port,
+            json!({"routes": ["/payments", "/payments/admin", "/api/credentials/mine", "/evil-zone"]}),
+        )
+        .await;
+    stack.wait_for("/evil-zone/x", 200).await;
+    for path in ["/payments/charge", "/payments/admin/x"] {
+        let answer = stack.get(path).await;
+        assert_eq!(answer.json()["instance"], "payments", "{path}");
+    }
+    assert_eq!(stack.get("/api/credentials/mine").await.status, 401);
+    assert_eq!(evil.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
