@@ -602,6 +602,7 @@ pub fn upstream_headers(
 ) {
     strip_hop_by_hop(headers, upgrade);
     headers.remove(SUBJECT_HEADER);
+    drop_underscore_spellings(headers);
     if let Some(peer) = peer {
         let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
             Some(earlier) => format!("{earlier}, {peer}"),
@@ -625,6 +626,40 @@ pub fn upstream_headers(
     }
     if let Some(subject) = subject.and_then(|s| HeaderValue::from_str(s).ok()) {
         headers.insert(SUBJECT_HEADER, subject);
+    }
+}
+
+/// Drops a header that spells, with underscores, one the gateway vouches for: CGI-style
+/// servers (WSGI, PHP, Rack) read `X_Concierge_Subject` as `X-Concierge-Subject`. nginx
+/// drops every name with an underscore (`underscores_in_headers off`); the others can mean
+/// something to an application, and go on.
+fn drop_underscore_spellings(headers: &mut HeaderMap) {
+    const VOUCHED: [HeaderName; 4] = [
+        SUBJECT_HEADER,
+        X_FORWARDED_FOR,
+        X_FORWARDED_PROTO,
+        X_FORWARDED_HOST,
+    ];
+    if !headers.keys().any(|name| name.as_str().contains('_')) {
+        return;
+    }
+    let spoofs: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            let name = name.as_str();
+            name.contains('_')
+                && VOUCHED.iter().map(HeaderName::as_str).any(|vouched| {
+                    vouched.len() == name.len()
+                        && vouched
+                            .bytes()
+                            .zip(name.bytes())
+                            .all(|(v, n)| v == n || (v == b'-' && n == b'_'))
+                })
+        })
+        .cloned()
+        .collect();
+    for name in spoofs {
+        headers.remove(name);
     }
 }
 

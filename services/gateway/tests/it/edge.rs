@@ -27,6 +27,9 @@ async fn hop_by_hop_headers_go_forged_identity_goes_request_ids_stay() {
         .header("keep-alive", "timeout=5")
         .header("proxy-authorization", "Basic Zm9vOmJhcg==")
         .header("x-concierge-subject", "admin")
+        .header("X_Concierge_Subject", "admin")
+        .header("x_forwarded_for", "198.51.100.6")
+        .header("x_app_flag", "1")
         .header("x-request-id", "client-chosen-id-1")
         .header(
             "traceparent",
@@ -44,12 +47,19 @@ async fn hop_by_hop_headers_go_forged_identity_goes_request_ids_stay() {
         "keep-alive",
         "proxy-authorization",
         "x-concierge-subject",
+        // What WSGI, PHP and Rack would read as the subject and the forwarded address.
+        "x_concierge_subject",
+        "x_forwarded_for",
     ] {
         assert!(
             seen.get(gone).is_none(),
             "{gone} reached the upstream: {seen:#}"
         );
     }
+    assert_eq!(
+        seen["x_app_flag"], "1",
+        "other names with underscores go on"
+    );
     assert_eq!(seen["x-request-id"], "client-chosen-id-1");
     assert_eq!(
         seen["traceparent"],
