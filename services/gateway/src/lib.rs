@@ -366,11 +366,23 @@ fn outgoing(
     let upgrade = proxy::wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let accepts_trailers = proxy::accepts_trailers(req.headers());
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
-    let host = req.headers().get(header::HOST).cloned().or_else(|| {
-        req.uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    if hosts.nth(1).is_some() {
+        // RFC 9112 §3.2: a 400. Two hosts could route one way here and another upstream.
+        return Err(GatewayError::BadRequest("more than one Host header".into()));
+    }
+    // The target's authority (HTTP/2's `:authority`, an absolute-form target) wins over
+    // `Host` (RFC 9112 §3.2.2), and goes upstream as the `Host` whatever the client spoke.
+    let host = match req.uri().authority() {
+        Some(authority) => {
+            let host = HeaderValue::from_str(authority.as_str()).ok();
+            if let Some(host) = &host {
+                req.headers_mut().insert(header::HOST, host.clone());
+            }
+            host
+        }
+        None => req.headers().get(header::HOST).cloned(),
+    };
     let (mut parts, body) = req.into_parts();
     proxy::upstream_headers(
         &mut parts.headers,

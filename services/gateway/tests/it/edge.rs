@@ -322,7 +322,7 @@ async fn the_status_page_and_the_proxy_endpoint() {
 #[tokio::test]
 async fn http2_clients_are_served_too() {
     let stack = Stack::start(&[]).await;
-    let echo = stack.serve("echo", "e-1").await;
+    let _echo = stack.serve("echo", "e-1").await;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .build_http::<http_body_util::Full<bytes::Bytes>>();
@@ -342,9 +342,10 @@ async fn http2_clients_are_served_too() {
         seen["headers"]["x-forwarded-host"],
         stack.gateway.addr.to_string()
     );
-    // HTTP/2 carries no Host; the instance's HTTP/1.1 needs one, so it gets its own address.
+    // HTTP/2 names the host in `:authority`; the instance's HTTP/1.1 gets it as `Host`, as
+    // it would from an HTTP/1.1 client.
     assert_eq!(seen["version"], "HTTP/1.1");
-    assert_eq!(seen["headers"]["host"], format!("127.0.0.1:{}", echo.port));
+    assert_eq!(seen["headers"]["host"], stack.gateway.addr.to_string());
 }
 
 #[tokio::test]
@@ -573,4 +574,40 @@ async fn a_policy_holds_for_every_spelling_of_its_path() {
     let answer = stack.get("/echo/%7euser/a%2db%3f?q=%61").await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.json()["path"], "/~user/a-b%3F?q=%61");
+}
+
+#[tokio::test]
+async fn one_host_goes_upstream_and_the_targets_authority_wins() {
+    let stack = Stack::start(&[]).await;
+    let _echo = stack.serve("echo", "e-1").await;
+    // Two hosts could route one way here and another upstream (RFC 9112 §3.2).
+    assert_eq!(
+        raw_status(
+            &stack,
+            b"GET /echo/x HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n"
+        )
+        .await,
+        400
+    );
+    // An absolute-form target's authority, not Host (RFC 9112 §3.2.2).
+    let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
+        .await
+        .unwrap();
+    socket
+        .write_all(
+            b"GET http://a.example/echo/x HTTP/1.1\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    let seen: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(seen["headers"]["host"], "a.example");
+    assert_eq!(seen["headers"]["x-forwarded-host"], "a.example");
 }
