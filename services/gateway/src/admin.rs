@@ -135,6 +135,10 @@ pub async fn proxy_request(
             })?;
         headers.append(name, value);
     }
+    // The gateway frames the body it sends: a length the caller states could disagree
+    // with it, and fail every attempt against the instances' circuits.
+    headers.remove(http::header::CONTENT_LENGTH);
+    headers.remove(http::header::TRANSFER_ENCODING);
     let body = match request.body {
         None | Some(Value::Null) => RequestBody::Empty,
         Some(Value::String(text)) => RequestBody::Bytes(Bytes::from(text)),

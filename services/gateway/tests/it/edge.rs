@@ -285,6 +285,21 @@ async fn the_status_page_and_the_proxy_endpoint() {
     assert_eq!(seen["headers"]["x-concierge-subject"], "orders");
     assert_eq!(seen["headers"]["content-type"], "application/json");
 
+    // The gateway frames the body: a stated length that disagrees is not sent on.
+    let framed = common::testing::send_json(
+        &stack.client,
+        "POST",
+        &stack.gateway.url("/api/gateway/proxy"),
+        Some(&orders),
+        Some(json!({
+            "service": "echo", "method": "POST", "path": "/upload",
+            "headers": {"content-length": "999", "transfer-encoding": "chunked"}, "body": "abc",
+        })),
+    )
+    .await;
+    assert_eq!(framed.status, 200, "{:?}", framed.json());
+    assert_eq!(framed.json()["received"], 3);
+
     for (body, code) in [
         (
             json!({"service": "Not A Name", "method": "GET", "path": "/"}),
