@@ -447,6 +447,7 @@ fn upstream_request(
             // instance's address (without port 80, as URIs leave it out), as HTTP/1.1
             // requires one.
             *request.uri_mut() = Uri::from(path_and_query);
+            join_cookies(request.headers_mut());
             if !request.headers().contains_key(header::HOST) {
                 let authority = &endpoint.authority;
                 let host = match authority.port_u16() {
@@ -481,6 +482,27 @@ fn upstream_request(
         }
     }
     Ok(request)
+}
+
+/// HTTP/2 clients may send each cookie pair in a field of its own; HTTP/1.1 allows one
+/// `Cookie` line, so they are joined with "; " (RFC 9113 §8.2.3). Many servers read only
+/// one of several lines.
+fn join_cookies(headers: &mut HeaderMap) {
+    let header::Entry::Occupied(mut cookies) = headers.entry(header::COOKIE) else {
+        return;
+    };
+    let mut values = cookies.iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for value in cookies.iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(value.as_bytes());
+    }
+    if let Ok(joined) = HeaderValue::from_bytes(&joined) {
+        cookies.insert(joined);
+    }
 }
 
 /// Headers whose values differ on every request. In HPACK's dynamic table they would
