@@ -81,7 +81,7 @@ pub struct Outgoing {
     /// What became of a body streamed from the client.
     pub body_watch: Option<Arc<client_body::Watch>>,
     pub upgrade: Option<OnUpgrade>,
-    /// The client said `TE: trailers`, which HTTP/2 carries end to end (gRPC needs it).
+    /// The client said `TE: trailers` (gRPC needs it): the gateway says it upstream too.
     pub accepts_trailers: bool,
 }
 
@@ -448,6 +448,13 @@ fn upstream_request(
             // requires one.
             *request.uri_mut() = Uri::from(path_and_query);
             join_cookies(request.headers_mut());
+            // The gateway passes trailers on to a client that takes them, so it may say it
+            // takes them on this hop too (TE is hop-by-hop: RFC 9110 §10.1.4).
+            if outgoing.accepts_trailers {
+                let headers = request.headers_mut();
+                headers.insert(header::TE, HeaderValue::from_static("trailers"));
+                headers.append(header::CONNECTION, HeaderValue::from_static("te"));
+            }
             if !request.headers().contains_key(header::HOST) {
                 let authority = &endpoint.authority;
                 let host = match authority.port_u16() {
@@ -526,16 +533,17 @@ fn never_indexed(headers: &mut HeaderMap, names: &[HeaderName]) {
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), which describe one connection, not the message.
+/// `Trailer` is not one (RFC 2616 listed it; RFC 9110 §6.6.2 does not): over HTTP/1.1
+/// hyper sends only the trailer fields it names.
 /// `Connection` first: [`strip_hop_by_hop`] reads its mark there.
 /// At most 16: [`strip_hop_by_hop`] marks them in a `u16`.
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
 

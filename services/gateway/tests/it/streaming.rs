@@ -118,10 +118,10 @@ async fn read_until(stream: &mut tokio::net::TcpStream, needle: &[u8]) -> Vec<u8
     seen
 }
 
-/// gRPC's needs of a proxy: HTTP/2 on both sides, `TE: trailers` passed on, and the
+/// gRPC's needs of a proxy, over h2c and HTTP/1.1 alike: `TE: trailers` passed on, and the
 /// response's trailers passed back.
 #[tokio::test]
-async fn trailers_and_te_trailers_pass_through_an_h2c_route() {
+async fn trailers_and_te_trailers_pass_through_whatever_the_protocols() {
     let dir = testkit::TempDir::new("gateway-trailers").unwrap();
     let routes = routes_file(
         &dir,
@@ -156,9 +156,41 @@ async fn trailers_and_te_trailers_pass_through_an_h2c_route() {
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(body.to_bytes(), "ok");
 
-    // TE is hop-by-hop for HTTP/1.1, so it stops at the gateway there.
+    // Over an HTTP/1.1 instance too: TE is hop-by-hop there, and the gateway, which takes
+    // trailers on to the client, says so on its own hop.
     let answer = h2_client.request(call("/plain/trailers")).await.unwrap();
-    assert_eq!(answer.headers()["x-saw-te"], "-");
+    assert_eq!(answer.headers()["x-saw-te"], "trailers");
+    let body = answer.into_body().collect().await.unwrap();
+    let trailers = body.trailers().cloned().expect("the trailers came back");
+    assert_eq!(trailers["grpc-status"], "0");
+
+    // And to an HTTP/1.1 client that takes them, in the chunked body's trailer section.
+    let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
+        .await
+        .unwrap();
+    socket
+        .write_all(
+            b"GET /plain/trailers HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    socket.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.contains("trailer: grpc-status\r\n"), "{answer}");
+    assert!(answer.ends_with("0\r\ngrpc-status: 0\r\n\r\n"), "{answer}");
+    // Without TE: trailers, none: the client said it would not read them.
+    let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
+        .await
+        .unwrap();
+    socket
+        .write_all(b"GET /plain/trailers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    socket.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.ends_with("0\r\n\r\n"), "{answer}");
 }
 
 /// A WebSocket handshake through the gateway; the socket once it has switched protocols.

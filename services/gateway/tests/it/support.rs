@@ -240,8 +240,8 @@ impl Upstream {
     /// - `/sleep/MS`: an empty 200 after MS milliseconds;
     /// - `/flaky`: 500 while `failing` is set, else 200;
     /// - `/ws`: a protocol upgrade, then echoes every byte;
-    /// - `/trailers`: `ok`, then the trailer `grpc-status: 0`, with the request's `TE` in
-    ///   the header `x-saw-te` (`-` for none), as a gRPC server answers;
+    /// - `/trailers`: `ok`, then the trailer `grpc-status: 0` (declared in `Trailer`), with
+    ///   the request's `TE` in the header `x-saw-te` (`-` for none), as a gRPC server answers;
     /// - anything else: `{"instance", "method", "path", "version", "headers"}` as JSON.
     ///
     /// It speaks HTTP/1.1 and, by prior knowledge, HTTP/2.
@@ -337,6 +337,10 @@ impl Upstream {
             response
                 .headers_mut()
                 .insert("x-saw-te", saw_te.parse().unwrap());
+            // Over HTTP/1.1 a server sends the trailer fields it declares.
+            response
+                .headers_mut()
+                .insert("trailer", "grpc-status".parse().unwrap());
             return response;
         }
         if path == "/ws" {
