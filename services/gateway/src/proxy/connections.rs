@@ -104,7 +104,10 @@ impl Upstreams {
         };
         let mut sender = match taken {
             Some((sender, _)) => sender,
-            None => handshake_http1(authority, connect_timeout).await?,
+            None => match handshake_http1(authority, connect_timeout).await {
+                Ok(sender) => sender,
+                Err(error) => return Err(SendError::connect(error, request)),
+            },
         };
         let resend = match sender.try_send_request(request).await {
             Ok(response) => return Ok(Sent::lent(response, authority, sender)),
@@ -121,7 +124,10 @@ impl Upstreams {
                 (None, _) => return Err(SendError::Failed(error.into_error().into())),
             },
         };
-        let mut sender = handshake_http1(authority, connect_timeout).await?;
+        let mut sender = match handshake_http1(authority, connect_timeout).await {
+            Ok(sender) => sender,
+            Err(error) => return Err(SendError::connect(error, resend)),
+        };
         let response = sender
             .send_request(resend)
             .await
@@ -137,15 +143,21 @@ impl Upstreams {
     ) -> Result<Response<Incoming>, SendError> {
         let shared = &endpoint.live.h2c;
         let connect = || shared.sender(&endpoint.authority, connect_timeout, &self.http2);
-        match connect().await?.try_send_request(request).await {
+        let mut sender = match connect().await {
+            Ok(sender) => sender,
+            Err(error) => return Err(SendError::connect(error, request)),
+        };
+        match sender.try_send_request(request).await {
             Ok(response) => Ok(response),
             Err(mut error) => match error.take_message() {
                 // The connection closed before the request left: a new one takes it.
-                Some(request) => connect()
-                    .await?
-                    .send_request(request)
-                    .await
-                    .map_err(|error| SendError::Failed(error.into())),
+                Some(request) => match connect().await {
+                    Ok(mut sender) => sender
+                        .send_request(request)
+                        .await
+                        .map_err(|error| SendError::Failed(error.into())),
+                    Err(error) => Err(SendError::connect(error, request)),
+                },
                 None => Err(SendError::Failed(error.into_error().into())),
             },
         }
@@ -155,7 +167,7 @@ impl Upstreams {
 async fn handshake_http1(
     authority: &Authority,
     timeout: Duration,
-) -> Result<http1::SendRequest<Body>, SendError> {
+) -> Result<http1::SendRequest<Body>, BoxError> {
     let handshake = async {
         let stream = connect(authority, timeout).await?;
         let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
@@ -166,7 +178,7 @@ async fn handshake_http1(
         });
         Ok(sender)
     };
-    within(timeout, handshake).await.map_err(SendError::Connect)
+    within(timeout, handshake).await
 }
 
 /// A copy of `request` to send again, if it may be sent twice: idempotent, without a body.
@@ -229,19 +241,32 @@ pub(super) struct Lent {
 /// Why an instance gave no response.
 #[derive(Debug)]
 pub(super) enum SendError {
-    /// No connection could be made: the request never left.
-    Connect(BoxError),
+    /// No connection could be made: the request never left, and comes back untouched,
+    /// body and all, for another instance to take.
+    Connect(BoxError, Box<Request<Body>>),
     Failed(BoxError),
 }
 
 impl SendError {
+    fn connect(error: BoxError, request: Request<Body>) -> Self {
+        Self::Connect(error, Box::new(request))
+    }
+
     pub fn is_connect(&self) -> bool {
-        matches!(self, Self::Connect(_))
+        matches!(self, Self::Connect(..))
     }
 
     pub fn error(&self) -> &(dyn std::error::Error + 'static) {
         match self {
-            Self::Connect(error) | Self::Failed(error) => &**error,
+            Self::Connect(error, _) | Self::Failed(error) => &**error,
+        }
+    }
+
+    /// The request that never left, after a connect error.
+    pub fn into_unsent(self) -> Option<Request<Body>> {
+        match self {
+            Self::Connect(_, request) => Some(*request),
+            Self::Failed(_) => None,
         }
     }
 }
@@ -345,7 +370,7 @@ impl SharedConnection {
         authority: &Authority,
         connect_timeout: Duration,
         builder: &http2::Builder<TokioExecutor>,
-    ) -> Result<http2::SendRequest<Body>, SendError> {
+    ) -> Result<http2::SendRequest<Body>, BoxError> {
         if let Some(sender) = self.ready(authority) {
             return Ok(sender);
         }
@@ -358,7 +383,7 @@ impl SharedConnection {
             && failed.at >= waited_from
             && failed.authority == *authority
         {
-            return Err(SendError::Connect(failed.why.clone().into()));
+            return Err(failed.why.clone().into());
         }
         let handshake = async {
             let stream = connect(authority, connect_timeout).await?;
@@ -385,7 +410,7 @@ impl SharedConnection {
                     at: Instant::now(),
                     why: super::chain(&*error),
                 });
-                Err(SendError::Connect(error))
+                Err(error)
             }
         }
     }

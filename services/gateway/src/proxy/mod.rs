@@ -164,6 +164,7 @@ pub async fn forward(
         policy.protocol
     };
     let replayable = outgoing.body.replayable() && outgoing.upgrade.is_none();
+    let streamed = !outgoing.body.replayable();
     let idempotent = is_idempotent(&outgoing.method);
     pool.budget.deposit();
     let mut tried: Vec<usize> = Vec::with_capacity(MAX_ATTEMPTS);
@@ -202,8 +203,9 @@ pub async fn forward(
             judged: false,
         };
         let body = outgoing.body.take();
-        // The headers are needed again only if another instance may be tried.
-        let last_chance = !replayable || tried.len() >= MAX_ATTEMPTS.min(pool.endpoints.len());
+        // The headers are needed again only if another instance may be tried (also for a
+        // request that goes once: a connect error hands it back unsent).
+        let last_chance = tried.len() >= MAX_ATTEMPTS.min(pool.endpoints.len());
         let headers = if last_chance {
             std::mem::take(&mut outgoing.headers)
         } else {
@@ -279,9 +281,9 @@ pub async fn forward(
                     cause: "answered 503".into(),
                 }
             }
-            Ok((Err(error), _guard)) => {
-                let connect = error.is_connect();
-                let error = error.error();
+            Ok((Err(failed), _guard)) => {
+                let connect = failed.is_connect();
+                let error = failed.error();
                 // The client's body failed, not the instance: nothing to judge it by.
                 match outgoing
                     .body_watch
@@ -336,7 +338,16 @@ pub async fn forward(
                 // A connect error or a refused stream never reached the instance's
                 // application; a reset may have, so only an idempotent request goes again.
                 let refused = !connect && never_processed(error);
-                let may_retry = replayable && (failure.retryable() || refused || idempotent);
+                // A connect error hands the request back unsent, a streamed body untouched:
+                // it may go to another instance, which a body sent once never may.
+                let unsent = failed.into_unsent();
+                let resendable = replayable || unsent.is_some();
+                if let Some(request) = unsent
+                    && streamed
+                {
+                    outgoing.body = RequestBody::Stream(request.into_body());
+                }
+                let may_retry = resendable && (failure.retryable() || refused || idempotent);
                 let reason = if connect {
                     "connect"
                 } else if refused {

@@ -477,3 +477,48 @@ async fn upgrades_an_h2c_instance_cannot_take_never_open_its_circuit() {
     let status = stack.status().await;
     assert_eq!(instance_status(&status, "grpc", "g-1")["circuit"], "closed");
 }
+
+/// A request with a body goes once, but a connect error hands it back unsent: another
+/// instance takes it, and the client never learns an instance was down.
+#[tokio::test]
+async fn a_request_body_goes_to_another_instance_when_the_first_cannot_be_reached() {
+    let stack = Stack::start(&[]).await;
+    let up = Upstream::start("up").await;
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    stack.register("store", "s-1", up.port, json!({})).await;
+    stack.register("store", "s-2", closed, json!({})).await;
+    // Both routed, neither tried yet (a GET could find s-2 down first).
+    let started = std::time::Instant::now();
+    loop {
+        let status = stack.status().await;
+        let routed = status["services"].as_array().unwrap().iter().any(|s| {
+            s["name"] == "store" && s["instances"].as_array().is_some_and(|i| i.len() == 2)
+        });
+        if routed {
+            assert_eq!(
+                instance_status(&status, "store", "s-2")["circuit"],
+                "closed"
+            );
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{status:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..4 {
+        let request = http::Request::post(stack.gateway.url("/store/upload"))
+            .body(bytes::Bytes::from(vec![b'x'; 100_000]))
+            .unwrap();
+        let answer = stack.client.send(request).await.unwrap();
+        assert_eq!(answer.status, 200, "{:?}", answer.json());
+        assert_eq!(answer.json()["received"], 100_000);
+    }
+    let status = stack.status().await;
+    assert_eq!(
+        instance_status(&status, "store", "s-2")["circuit"],
+        "open",
+        "the down instance was tried"
+    );
+}
