@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{Stack, Upstream, get, metric, routes_file, wait_for};
+use crate::support::{Stack, Upstream, get, metric, raw_exchange, routes_file, wait_for};
 
 #[tokio::test]
 async fn hop_by_hop_headers_go_forged_identity_goes_request_ids_stay() {
@@ -609,21 +609,11 @@ async fn one_host_goes_upstream_and_the_targets_authority_wins() {
         400
     );
     // An absolute-form target's authority, not Host (RFC 9112 §3.2.2).
-    let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
-        .await
-        .unwrap();
-    socket
-        .write_all(
-            b"GET http://a.example/echo/x HTTP/1.1\r\nHost: b.example\r\nConnection: close\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut answer))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&answer);
+    let text = raw_exchange(
+        &stack,
+        b"GET http://a.example/echo/x HTTP/1.1\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
     let seen: Value = serde_json::from_str(body).unwrap();

@@ -183,6 +183,11 @@ async fn a_circuit_opens_half_opens_and_closes_with_its_metric() {
 /// An h2c instance that refuses every stream (RST_STREAM REFUSED_STREAM), as one shedding
 /// load or shutting down does: nothing it refused was processed.
 async fn refusing_h2c_instance() -> u16 {
+    h2_only_instance(|mut respond| respond.send_reset(h2::Reason::REFUSED_STREAM)).await
+}
+
+/// An instance that speaks HTTP/2 alone, and answers every stream with `answer`.
+async fn h2_only_instance(answer: fn(h2::server::SendResponse<bytes::Bytes>)) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -194,8 +199,8 @@ async fn refusing_h2c_instance() -> u16 {
                 let Ok(mut connection) = h2::server::handshake(stream).await else {
                     return;
                 };
-                while let Some(Ok((_request, mut respond))) = connection.accept().await {
-                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                while let Some(Ok((_request, respond))) = connection.accept().await {
+                    answer(respond);
                 }
             });
         }
@@ -435,34 +440,15 @@ async fn a_503_reaches_the_client_when_no_other_instance_can_take_the_request() 
     assert_eq!(spare.hits.load(Ordering::Relaxed), spare_hits);
 }
 
-/// An instance that speaks HTTP/2 alone and answers every stream with an empty 200.
-async fn h2_only_instance() -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let Ok(mut connection) = h2::server::handshake(stream).await else {
-                    return;
-                };
-                while let Some(Ok((_request, mut respond))) = connection.accept().await {
-                    let _ = respond.send_response(http::Response::new(()), true);
-                }
-            });
-        }
-    });
-    port
-}
-
 /// An upgrade goes over HTTP/1.1 even on an h2c route; an instance that speaks HTTP/2 alone
 /// fails it, and that must not open its circuit: any client could shut the route.
 #[tokio::test]
 async fn upgrades_an_h2c_instance_cannot_take_never_open_its_circuit() {
     let stack = Stack::start(&[("CIRCUIT_FAILURES", "3"), ("UPSTREAM_PROTOCOL", "h2c")]).await;
-    let port = h2_only_instance().await;
+    let port = h2_only_instance(|mut respond| {
+        let _ = respond.send_response(http::Response::new(()), true);
+    })
+    .await;
     stack.register("grpc", "g-1", port, json!({})).await;
     stack.wait_for("/grpc/x", 200).await;
     for _ in 0..5 {

@@ -10,7 +10,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{Stack, Upstream, burst, routes_file};
+use crate::support::{Stack, Upstream, burst, raw_exchange, routes_file};
 
 const TEN_MIB: usize = 10 * 1024 * 1024;
 
@@ -165,31 +165,20 @@ async fn trailers_and_te_trailers_pass_through_whatever_the_protocols() {
     assert_eq!(trailers["grpc-status"], "0");
 
     // And to an HTTP/1.1 client that takes them, in the chunked body's trailer section.
-    let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
-        .await
-        .unwrap();
-    socket
-        .write_all(
-            b"GET /plain/trailers HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    socket.read_to_end(&mut answer).await.unwrap();
-    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    let answer = raw_exchange(
+        &stack,
+        b"GET /plain/trailers HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .to_lowercase();
     assert!(answer.contains("trailer: grpc-status\r\n"), "{answer}");
     assert!(answer.ends_with("0\r\ngrpc-status: 0\r\n\r\n"), "{answer}");
     // Without TE: trailers, none: the client said it would not read them.
-    let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
-        .await
-        .unwrap();
-    socket
-        .write_all(b"GET /plain/trailers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    socket.read_to_end(&mut answer).await.unwrap();
-    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    let answer = raw_exchange(
+        &stack,
+        b"GET /plain/trailers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(answer.ends_with("0\r\n\r\n"), "{answer}");
 }
 

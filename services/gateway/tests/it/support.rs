@@ -174,6 +174,22 @@ async fn spawn_gateway(
     gateway
 }
 
+/// Sends `request` as it is on a connection of its own and reads what comes back until
+/// the gateway closes it (the request should say `Connection: close`).
+pub async fn raw_exchange(stack: &Stack, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
+        .await
+        .unwrap();
+    socket.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut answer))
+        .await
+        .expect("the gateway closed the connection")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 pub async fn get(
     client: &HttpClient,
     gateway: &ServiceProcess,
