@@ -119,8 +119,9 @@ async fn killed_instance(protocol: &str) {
     );
 }
 
-#[tokio::test]
-async fn a_circuit_opens_half_opens_and_closes_with_its_metric() {
+/// A gateway whose circuits open after 3 failures, cool down for 1 s and close after 2
+/// good probes, and one instance of `flaky` behind it, routed.
+async fn flaky_stack() -> (Stack, Upstream) {
     let stack = Stack::start(&[
         ("CIRCUIT_FAILURES", "3"),
         ("CIRCUIT_COOLDOWN", "1s"),
@@ -130,6 +131,12 @@ async fn a_circuit_opens_half_opens_and_closes_with_its_metric() {
     let flaky = Upstream::start("flaky").await;
     stack.register("flaky", "f-1", flaky.port, json!({})).await;
     stack.wait_for("/flaky/flaky", 200).await;
+    (stack, flaky)
+}
+
+#[tokio::test]
+async fn a_circuit_opens_half_opens_and_closes_with_its_metric() {
+    let (stack, flaky) = flaky_stack().await;
     let state = || async {
         let page = get(&stack.client, &stack.gateway, "/metrics", None).await;
         metric(
@@ -335,15 +342,7 @@ async fn a_get_on_a_connection_closed_under_it_goes_again_on_a_new_one() {
 /// the instance: their slots come back, and the next request probes.
 #[tokio::test]
 async fn probes_whose_clients_go_away_leave_the_circuit_able_to_close() {
-    let stack = Stack::start(&[
-        ("CIRCUIT_FAILURES", "3"),
-        ("CIRCUIT_COOLDOWN", "1s"),
-        ("CIRCUIT_PROBES", "2"),
-    ])
-    .await;
-    let flaky = Upstream::start("flaky").await;
-    stack.register("flaky", "f-1", flaky.port, json!({})).await;
-    stack.wait_for("/flaky/flaky", 200).await;
+    let (stack, flaky) = flaky_stack().await;
     flaky.failing.store(true, Ordering::Relaxed);
     for _ in 0..3 {
         assert_eq!(stack.get("/flaky/flaky").await.status, 500);
