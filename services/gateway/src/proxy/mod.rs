@@ -172,6 +172,9 @@ pub async fn forward(
     // A 503 an instance answered before the request went on to another: the client's
     // answer if no other instance answers, rather than a failure the gateway makes up.
     let mut held = None;
+    // Why the last attempt is to be tried again, once another instance is found for it:
+    // only then does the retry take from the budget and count.
+    let mut retrying: Option<&'static str> = None;
     loop {
         let now = Instant::now();
         let constraints = Constraints {
@@ -185,6 +188,15 @@ pub async fn forward(
                 last_error.unwrap_or_else(|| GatewayError::NoInstance(service.to_owned()))
             });
         };
+        if let Some(reason) = retrying.take() {
+            if !pool.budget.withdraw() {
+                cx.metrics.budget_exhausted(service);
+                return held.ok_or_else(|| {
+                    last_error.unwrap_or_else(|| GatewayError::NoInstance(service.to_owned()))
+                });
+            }
+            cx.metrics.retried(service, reason);
+        }
         tried.push(index);
         let endpoint = &pool.endpoints[index];
         let admission = {
@@ -258,7 +270,7 @@ pub async fn forward(
                     instance: endpoint.instance_id.clone(),
                     attempts: tried.len(),
                 };
-                if !(may_retry && retry(cx, pool, &tried, "status_503")) {
+                if !(may_retry && may_try_again(pool, &tried)) {
                     if status == StatusCode::SWITCHING_PROTOCOLS
                         && let Some(client_side) = outgoing.upgrade.take()
                     {
@@ -275,6 +287,7 @@ pub async fn forward(
                     downstream(response, false).map(|body| track(body, guard)),
                     answered,
                 ));
+                retrying = Some("status_503");
                 GatewayError::Upstream {
                     service: service.to_owned(),
                     instance: endpoint.instance_id.to_string(),
@@ -355,9 +368,10 @@ pub async fn forward(
                 } else {
                     "reset"
                 };
-                if !(may_retry && retry(cx, pool, &tried, reason)) {
+                if !(may_retry && may_try_again(pool, &tried)) {
                     return held.ok_or(failure);
                 }
+                retrying = Some(reason);
                 failure
             }
             Err(_) => {
@@ -383,16 +397,9 @@ pub async fn forward(
     }
 }
 
-fn retry(cx: Context<'_>, pool: &Pool, tried: &[usize], reason: &str) -> bool {
-    if tried.len() >= MAX_ATTEMPTS || tried.len() >= pool.endpoints.len() {
-        return false;
-    }
-    if !pool.budget.withdraw() {
-        cx.metrics.budget_exhausted(&pool.service);
-        return false;
-    }
-    cx.metrics.retried(&pool.service, reason);
-    true
+/// Whether another attempt may follow: fewer than `MAX_ATTEMPTS`, and an instance not tried.
+fn may_try_again(pool: &Pool, tried: &[usize]) -> bool {
+    tried.len() < MAX_ATTEMPTS && tried.len() < pool.endpoints.len()
 }
 
 /// A breaker's admission until the instance is judged by how the request went. Dropped

@@ -437,6 +437,18 @@ async fn a_503_reaches_the_client_when_no_other_instance_can_take_the_request() 
     assert_eq!(answer.body.len(), 0, "the instance's answer, not a problem");
     assert_eq!(busy.hits.load(Ordering::Relaxed), busy_hits + 1);
     assert_eq!(spare.hits.load(Ordering::Relaxed), spare_hits);
+    // No instance took it again: no retry counted, none taken from the budget.
+    let page = get(&stack.client, &stack.gateway, "/metrics", None).await;
+    let page = String::from_utf8_lossy(&page.body);
+    assert_eq!(
+        metric(
+            &page,
+            r#"concierge_gateway_retries_total{reason="status_503",service="busy"}"#
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "{page}"
+    );
 }
 
 /// An upgrade goes over HTTP/1.1 even on an h2c route; an instance that speaks HTTP/2 alone
