@@ -241,6 +241,15 @@ fn read_policies(
         if !prefix.starts_with('/') {
             return Err(format!("prefix {:?} must start with /", entry.prefix));
         }
+        if prefix.contains(';') {
+            // Paths are matched without their parameters: such a prefix matches nothing.
+            return Err(format!(
+                "prefix {:?} cannot hold a path parameter (;)",
+                entry.prefix
+            ));
+        }
+        // In the spelling request paths are matched in.
+        let prefix = crate::routing::normalize(&prefix).into_owned();
         let field = |name: &str, e: String| format!("route {prefix}: {name}: {e}");
         let duration = |name: &str, value: Option<String>, default: Duration| {
             value.map_or(Ok(default), |v| {
@@ -322,6 +331,11 @@ mod tests {
         let (prefix, other) = config.policy_for("/paymentsx");
         assert_eq!(prefix, "/");
         assert!(!other.require_token);
+        // Prefixes are kept in the spelling request paths are matched in.
+        let config =
+            env_with_routes(r#"{"routes": [{"prefix": "/%7euser", "require_token": true}]}"#)
+                .unwrap();
+        assert_eq!(config.policy_for("/~user/x").0, "/~user");
     }
 
     #[test]
@@ -354,6 +368,7 @@ mod tests {
     fn a_bad_routes_file_names_the_variable_and_the_field() {
         for (json, needle) in [
             (r#"{"routes": [{"prefix": "x"}]}"#, "must start with /"),
+            (r#"{"routes": [{"prefix": "/a;v=1"}]}"#, "path parameter"),
             (
                 r#"{"routes": [{"prefix": "/a", "timeout": "soon"}]}"#,
                 "timeout",

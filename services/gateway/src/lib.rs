@@ -290,7 +290,7 @@ async fn dispatch(
         .ok_or_else(|| unmatched(GatewayError::NoRoute))?;
     let label = route.prefix.clone();
     let fail = |error: GatewayError| (error, label.clone());
-    let (policy_prefix, policy) = shared.config.policy_for(path);
+    let (policy_prefix, policy) = shared.config.policy_for(&routing::without_parameters(path));
     let needs_token =
         (route.control_plane && !table::PUBLIC_PATHS.contains(&path)) || policy.require_token;
     let claims = if needs_token {
@@ -375,7 +375,12 @@ fn outgoing(
     // `Host` (RFC 9112 §3.2.2), and goes upstream as the `Host` whatever the client spoke.
     let host = match req.uri().authority() {
         Some(authority) => {
-            let host = HeaderValue::from_str(authority.as_str()).ok();
+            // Host and port only: userinfo (`user:pass@`) never goes on (RFC 9112 §3.2.2).
+            let host = match authority.port() {
+                Some(port) => HeaderValue::from_str(&format!("{}:{port}", authority.host())),
+                None => HeaderValue::from_str(authority.host()),
+            }
+            .ok();
             if let Some(host) = &host {
                 req.headers_mut().insert(header::HOST, host.clone());
             }

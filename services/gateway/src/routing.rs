@@ -110,6 +110,23 @@ pub fn normalize(path: &str) -> Cow<'_, str> {
     Cow::Owned(normal)
 }
 
+/// `path` without its path parameters (`/a;v=1/b;x` → `/a/b`), which servers such as
+/// Tomcat drop before routing: what policies are matched on, so that `/shop/admin;x/users`
+/// falls under a policy on `/shop/admin/users`.
+pub fn without_parameters(path: &str) -> Cow<'_, str> {
+    if !path.contains(';') {
+        return Cow::Borrowed(path);
+    }
+    let mut bare = String::with_capacity(path.len());
+    for (index, segment) in path.split('/').enumerate() {
+        if index > 0 {
+            bare.push('/');
+        }
+        bare.push_str(segment.split(';').next().unwrap_or(segment));
+    }
+    Cow::Owned(bare)
+}
+
 /// RFC 3986 §2.3: what never needs escaping, so its escaped spelling means the same.
 fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
@@ -231,6 +248,19 @@ mod tests {
         assert_eq!(normalize("/a%20b%3fc%c3%a9"), "/a%20b%3Fc%C3%A9");
         assert_eq!(normalize("/é%41é"), "/éAé");
         assert!(matches!(normalize("/plain/path"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn path_parameters_come_off_every_segment() {
+        assert_eq!(
+            without_parameters("/shop/admin;x/users"),
+            "/shop/admin/users"
+        );
+        assert_eq!(without_parameters("/a;v=1/b;x;y/c;"), "/a/b/c");
+        assert!(matches!(
+            without_parameters("/plain/path"),
+            Cow::Borrowed(_)
+        ));
     }
 
     #[test]

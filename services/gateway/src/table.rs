@@ -187,8 +187,10 @@ impl Table {
                 live,
             });
             for route in &instance.routes {
-                let route = route.trim_end_matches('/');
-                if route.is_empty() {
+                let route = routing::normalize(route.trim_end_matches('/'));
+                let route = route.as_ref();
+                // A parameter would let a route sit beside a prefix it is really under.
+                if route.is_empty() || route.contains(';') {
                     continue;
                 }
                 match declared.get(route) {
@@ -272,6 +274,7 @@ impl Table {
         if let Some((_, owner)) = CONTROL_PLANE_ROUTES
             .iter()
             .find(|(control, _)| routing::is_under(prefix, control))
+            && *owner != service
         {
             return Some((*owner).to_owned());
         }
@@ -473,9 +476,11 @@ mod tests {
                         "/payments/v2/refunds",
                         "/api/credentials/x",
                         "/api/tokens",
+                        "/payments;v=1",
                         "/evil-zone",
                     ],
                 ),
+                instance("service-registry", "r-1", &["/api/services/v2"]),
             ],
             &Table::default(),
         );
@@ -487,6 +492,17 @@ mod tests {
         assert!(t.resolve("/api/credentials/x").unwrap().control_plane);
         assert_eq!(service("/api/tokens/x"), Some("credential-vault"));
         assert_eq!(service("/evil-zone/x"), Some("evil"));
+        assert_eq!(
+            service("/payments;v=1/x"),
+            None,
+            "no route holds a parameter"
+        );
+        // A control-plane service may declare routes under its own prefixes.
+        let own = t.resolve("/api/services/v2/x").unwrap();
+        assert_eq!(
+            (&*own.prefix, &*own.service),
+            ("/api/services/v2", "service-registry")
+        );
     }
 
     #[test]

@@ -184,14 +184,14 @@ pub async fn forward(
             exclude: &tried,
         };
         let Some(index) = balance::pick(pool, constraints, now) else {
-            return held.ok_or_else(|| {
+            return answer_held(held, &tried).ok_or_else(|| {
                 last_error.unwrap_or_else(|| GatewayError::NoInstance(service.to_owned()))
             });
         };
         if let Some(reason) = retrying.take() {
             if !pool.budget.withdraw() {
                 cx.metrics.budget_exhausted(service);
-                return held.ok_or_else(|| {
+                return answer_held(held, &tried).ok_or_else(|| {
                     last_error.unwrap_or_else(|| GatewayError::NoInstance(service.to_owned()))
                 });
             }
@@ -369,7 +369,7 @@ pub async fn forward(
                     "reset"
                 };
                 if !(may_retry && may_try_again(pool, &tried)) {
-                    return held.ok_or(failure);
+                    return answer_held(held, &tried).ok_or(failure);
                 }
                 retrying = Some(reason);
                 failure
@@ -389,12 +389,28 @@ pub async fn forward(
                     instance: endpoint.instance_id.to_string(),
                     timeout: policy.timeout,
                 };
-                return held.ok_or(failure);
+                return answer_held(held, &tried).ok_or(failure);
             }
         };
         tracing::debug!(error = %attempt_error, "retrying on another instance");
         last_error = Some(attempt_error);
     }
+}
+
+/// The 503 held for the client, with the attempts made in all.
+fn answer_held(
+    held: Option<(Response<Body>, Answered)>,
+    tried: &[usize],
+) -> Option<(Response<Body>, Answered)> {
+    held.map(|(response, answered)| {
+        (
+            response,
+            Answered {
+                attempts: tried.len(),
+                ..answered
+            },
+        )
+    })
 }
 
 /// Whether another attempt may follow: fewer than `MAX_ATTEMPTS`, and an instance not tried.
@@ -468,7 +484,7 @@ fn upstream_request(
             join_cookies(request.headers_mut());
             // The gateway passes trailers on to a client that takes them, so it may say it
             // takes them on this hop too (TE is hop-by-hop: RFC 9110 §10.1.4).
-            if outgoing.accepts_trailers {
+            if outgoing.accepts_trailers && outgoing.upgrade.is_none() {
                 let headers = request.headers_mut();
                 headers.insert(header::TE, HeaderValue::from_static("trailers"));
                 headers.append(header::CONNECTION, HeaderValue::from_static("te"));
@@ -513,11 +529,13 @@ fn upstream_request(
 /// `Cookie` line, so they are joined with "; " (RFC 9113 §8.2.3). Many servers read only
 /// one of several lines.
 fn join_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
     let header::Entry::Occupied(mut cookies) = headers.entry(header::COOKIE) else {
         return;
     };
-    let mut values = cookies.iter();
-    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+    let Some(first) = cookies.iter().next() else {
         return;
     };
     let mut joined = first.as_bytes().to_vec();

@@ -571,7 +571,10 @@ async fn a_policy_holds_for_every_spelling_of_its_path() {
     let dir = testkit::TempDir::new("gateway-routes").unwrap();
     let routes = routes_file(
         &dir,
-        json!({"routes": [{"prefix": "/echo/admin", "require_token": true}]}),
+        json!({"routes": [
+            {"prefix": "/echo/admin", "require_token": true},
+            {"prefix": "/echo/deep/admin", "require_token": true},
+        ]}),
     );
     let stack = Stack::start(&[("ROUTES_FILE", &routes)]).await;
     let echo = Upstream::start("echo").await;
@@ -584,6 +587,7 @@ async fn a_policy_holds_for_every_spelling_of_its_path() {
         "/echo/%61dmin/users",
         "/echo/%61%64%6D%69%6E/users",
         "/echo/admin;v=1/users",
+        "/echo/deep;v=1/admin/users",
     ] {
         assert_eq!(stack.get(path).await.status, 401, "{path}");
     }
@@ -619,4 +623,13 @@ async fn one_host_goes_upstream_and_the_targets_authority_wins() {
     let seen: Value = serde_json::from_str(body).unwrap();
     assert_eq!(seen["headers"]["host"], "a.example");
     assert_eq!(seen["headers"]["x-forwarded-host"], "a.example");
+    // Userinfo never goes on.
+    let text = raw_exchange(
+        &stack,
+        b"GET http://user:secret@a.example:8080/echo/x HTTP/1.1\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(!text.contains("secret"), "{text}");
+    assert!(text.contains(r#""host":"a.example:8080""#), "{text}");
 }

@@ -352,8 +352,8 @@ async fn probes_whose_clients_go_away_leave_the_circuit_able_to_close() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
 
     // Both probe slots go to slow requests whose clients hang up.
-    let hits = flaky.hits.load(Ordering::Relaxed);
     for _ in 0..2 {
+        let hits = flaky.hits.load(Ordering::Relaxed);
         let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
             .await
             .unwrap();
@@ -367,7 +367,15 @@ async fn probes_whose_clients_go_away_leave_the_circuit_able_to_close() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         drop(socket);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The gateway has seen both clients go once nothing is in flight to the instance.
+    let started = std::time::Instant::now();
+    while instance_status(&stack.status().await, "flaky", "f-1")["in_flight"] != 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(stack.get("/flaky/flaky").await.status, 200, "probed again");
     assert_eq!(stack.get("/flaky/flaky").await.status, 200);
