@@ -137,9 +137,31 @@ fn is_hostname(name: &str) -> bool {
 
 fn valid_instance_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
+        // `.` and `..` are path segments no client keeps as they are.
+        && !id.bytes().all(|b| b == b'.')
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+}
+
+/// Routes one registration may declare.
+const MAX_ROUTES: usize = 32;
+/// The longest tag or credential name.
+const MAX_NAME_BYTES: usize = 255;
+/// A registration's metadata, as JSON.
+const MAX_METADATA_BYTES: usize = 16 * 1024;
+
+/// A path prefix the gateway can match as it is: what it normalises or refuses in request
+/// paths (escapes, parameters, dot segments) has no place in one.
+fn is_route(route: &str) -> bool {
+    route.starts_with('/')
+        && route.len() <= 512
+        && route
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'%' | b';' | b'?' | b'#' | b'\\'))
+        && !route
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
 }
 
 #[derive(Debug, Deserialize)]
@@ -179,7 +201,10 @@ impl Register {
                 "address must be an IP address or a host name",
             ));
         }
-        if !self.health_endpoint.starts_with('/') || self.health_endpoint.len() > 1024 {
+        if !self.health_endpoint.starts_with('/')
+            || self.health_endpoint.len() > 1024
+            || !self.health_endpoint.bytes().all(|b| b.is_ascii_graphic())
+        {
             return Err(ApiError::invalid(
                 "invalid-health-endpoint",
                 "health_endpoint must be a path starting with /",
@@ -193,14 +218,11 @@ impl Register {
                 "instance_id is 1 to 128 characters of A-Z a-z 0-9 . _ - :",
             ));
         }
-        if self
-            .routes
-            .iter()
-            .any(|r| !r.starts_with('/') || r.len() > 512)
-        {
+        if self.routes.len() > MAX_ROUTES || !self.routes.iter().all(|r| is_route(r)) {
             return Err(ApiError::invalid(
                 "invalid-route",
-                "routes are path prefixes starting with /",
+                "routes are at most 32 path prefixes starting with /, of at most 512 \
+                 characters, without '.' or '..' segments, '%', ';', '?', '#' or spaces",
             ));
         }
         if self.weight == Some(0) || self.weight.is_some_and(|w| w > 1000) {
@@ -209,10 +231,32 @@ impl Register {
                 "weight is between 1 and 1000",
             ));
         }
-        if self.version.len() > 128 || self.tags.len() > 64 || self.credentials_needed.len() > 256 {
+        if self.version.len() > 128
+            || self.tags.len() > 64
+            || self.tags.iter().any(|t| t.len() > MAX_NAME_BYTES)
+            || self.credentials_needed.len() > 256
+            || self
+                .credentials_needed
+                .iter()
+                .any(|c| c.len() > MAX_NAME_BYTES)
+            || self.dependencies.len() > 64
+        {
             return Err(ApiError::invalid(
                 "invalid-registration",
-                "version, tags or credentials_needed too long",
+                "version (128), tags (64 of 255 bytes), credentials_needed (256 of 255 bytes) \
+                 or dependencies (64) too long",
+            ));
+        }
+        // Every registry, gateway and monitor keeps the whole catalog: no registration may
+        // make it large.
+        let metadata_bytes = serde_json::to_vec(&self.metadata).map_or(usize::MAX, |v| v.len());
+        if self.metadata.len() > 64
+            || self.metadata.keys().any(|k| k.len() > 128)
+            || metadata_bytes > MAX_METADATA_BYTES
+        {
+            return Err(ApiError::invalid(
+                "invalid-metadata",
+                "metadata is at most 64 keys of at most 128 bytes, 16 KiB in all",
             ));
         }
         Ok(())

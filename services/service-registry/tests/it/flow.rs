@@ -373,6 +373,81 @@ async fn bad_input_gets_a_clear_problem() {
         ),
         (
             registry
+                .register(&payments, with("instance_id", json!("..")))
+                .await,
+            400,
+        ),
+        (
+            registry
+                .register(&payments, with("health_endpoint", json!("/a b")))
+                .await,
+            400,
+        ),
+        // Routes the gateway could only match in another spelling, or too many.
+        (
+            registry
+                .register(&payments, with("routes", json!(["/pay/../admin"])))
+                .await,
+            400,
+        ),
+        (
+            registry
+                .register(&payments, with("routes", json!(["/p%61y"])))
+                .await,
+            400,
+        ),
+        (
+            registry
+                .register(&payments, with("routes", json!(["/pay;v=1"])))
+                .await,
+            400,
+        ),
+        (
+            registry
+                .register(
+                    &payments,
+                    with(
+                        "routes",
+                        json!((0..33).map(|i| format!("/r{i}")).collect::<Vec<_>>()),
+                    ),
+                )
+                .await,
+            400,
+        ),
+        // Every registry, gateway and monitor keeps the catalog: it stays small.
+        (
+            registry
+                .register(
+                    &payments,
+                    with("metadata", json!({"blob": "x".repeat(20_000)})),
+                )
+                .await,
+            400,
+        ),
+        (
+            registry
+                .register(
+                    &payments,
+                    with(
+                        "metadata",
+                        json!(
+                            (0..65)
+                                .map(|i| (format!("k{i}"), json!(i)))
+                                .collect::<serde_json::Map<_, _>>()
+                        ),
+                    ),
+                )
+                .await,
+            400,
+        ),
+        (
+            registry
+                .register(&payments, with("tags", json!(["t".repeat(256)])))
+                .await,
+            400,
+        ),
+        (
+            registry
                 .call("POST", "/api/services/register", Some(&payments), None)
                 .await,
             400,
