@@ -16,13 +16,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::task::JoinHandle;
 use tokio::time::timeout_at;
 
-/// The largest health-endpoint body read.
+/// The largest health-endpoint body read and judged; a longer one is judged by its status.
 const MAX_BODY: usize = 64 * 1024;
 /// Each connection's read buffer: a larger answer is read in several pieces.
 const READ_BUFFER: usize = 2048;
@@ -197,7 +197,7 @@ async fn attempt(
     };
     let request = || {
         http::Request::get(path.as_str())
-            .header(http::header::HOST, format!("{address}:{port}"))
+            .header(http::header::HOST, host_header(address, port))
             .header(http::header::USER_AGENT, "concierge-health-monitor")
             .body(Empty::<Bytes>::new())
             .map_err(|e| {
@@ -245,23 +245,48 @@ async fn attempt(
         }
     };
     let status = response.status();
-    let body = timeout_at(
-        deadline,
-        Limited::new(response.into_body(), MAX_BODY).collect(),
-    )
-    .await;
-    let body = match body {
+    let body = match timeout_at(deadline, read_head_of(response.into_body())).await {
         Err(_) => return Err(timed_out()),
         Ok(Err(e)) => return Err((Reason::Body, format!("the body could not be read: {e}"))),
-        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Ok(body)) => body,
     };
     // Read to the end: the connection may serve the next check (unless the instance
     // said `Connection: close`, which its next check will find).
-    *keep = Some(connection);
+    if body.is_some() {
+        *keep = Some(connection);
+    }
     if !status.is_success() {
         return Err((Reason::Status, format!("answered {}", status.as_u16())));
     }
+    let Some(body) = body else {
+        // A long page (an HTML `/`, a detailed actuator report) is judged by its status
+        // alone, as Consul judges every HTTP check.
+        return Ok(Verdict::Pass);
+    };
     judge_body(&body).map_err(|said| (Reason::Body, format!("the body says {said:?}")))
+}
+
+/// `address:port` as a `Host` header writes it: an IPv6 address in brackets.
+fn host_header(address: &str, port: u16) -> String {
+    if address.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("[{address}]:{port}")
+    } else {
+        format!("{address}:{port}")
+    }
+}
+
+/// The whole body if it is at most `MAX_BODY` bytes, else `None` (read no further).
+async fn read_head_of(mut body: hyper::body::Incoming) -> Result<Option<Vec<u8>>, hyper::Error> {
+    let mut read = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if read.len() + data.len() > MAX_BODY {
+                return Ok(None);
+            }
+            read.extend_from_slice(&data);
+        }
+    }
+    Ok(Some(read))
 }
 
 /// Resolves and connects, within the deadline.
@@ -596,6 +621,39 @@ mod tests {
         let (probe, kept) = check("127.0.0.1", port, &method, second, second, kept).await;
         assert_eq!(probe.verdict, Verdict::Fail(Reason::Connect), "{probe:?}");
         assert!(kept.is_none());
+    }
+
+    /// A server that answers one request with `status` and a body of `len` bytes.
+    async fn long_page(status: u16, len: usize) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 1024];
+            let _ = stream.read(&mut head).await;
+            let answer = format!("HTTP/1.1 {status} X\r\nContent-Length: {len}\r\n\r\n");
+            let _ = stream.write_all(answer.as_bytes()).await;
+            let _ = stream.write_all(&vec![b'<'; len]).await;
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_long_page_is_judged_by_its_status() {
+        let second = Duration::from_secs(2);
+        let port = long_page(200, 100 * 1024).await;
+        let (probe, _) = check("127.0.0.1", port, &plain(), second, second, None).await;
+        assert_eq!(probe.verdict, Verdict::Pass, "{probe:?}");
+        let port = long_page(500, 100 * 1024).await;
+        let (probe, _) = check("127.0.0.1", port, &plain(), second, second, None).await;
+        assert_eq!(probe.verdict, Verdict::Fail(Reason::Status), "{probe:?}");
+    }
+
+    #[test]
+    fn an_ipv6_host_goes_in_brackets() {
+        assert_eq!(host_header("::1", 8080), "[::1]:8080");
+        assert_eq!(host_header("10.0.0.1", 80), "10.0.0.1:80");
+        assert_eq!(host_header("db.internal", 5432), "db.internal:5432");
     }
 
     #[test]
