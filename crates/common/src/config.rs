@@ -143,6 +143,15 @@ impl Env {
 }
 
 /// A secret from a file: its text without trailing newlines; empty or unreadable is an error.
+/// `span` (a configured duration) before `now`, or the calendar's start when it reaches
+/// further back: `now - span` would panic there. A window that long covers everything.
+pub fn before(now: chrono::DateTime<chrono::Utc>, span: Duration) -> chrono::DateTime<chrono::Utc> {
+    chrono::Duration::from_std(span)
+        .ok()
+        .and_then(|span| now.checked_sub_signed(span))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC)
+}
+
 pub fn read_secret_file(path: &Path) -> Result<Secret<String>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let text = String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8", path.display()))?;
@@ -342,6 +351,25 @@ impl DatabaseConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_span_before_the_calendar_starts_at_its_start() {
+        let now = chrono::Utc::now();
+        assert_eq!(
+            before(now, Duration::from_secs(60)),
+            now - chrono::Duration::seconds(60)
+        );
+        // HISTORY_RETENTION=99999999d: `now - span` would panic.
+        let forever = Duration::from_secs(99_999_999 * 86_400);
+        assert_eq!(
+            before(now, forever),
+            chrono::DateTime::<chrono::Utc>::MIN_UTC
+        );
+        assert_eq!(
+            before(now, Duration::MAX),
+            chrono::DateTime::<chrono::Utc>::MIN_UTC
+        );
+    }
 
     #[test]
     fn durations_parse_with_units() {

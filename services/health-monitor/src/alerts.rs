@@ -118,8 +118,7 @@ pub fn evaluate(
                 caused_by: None,
             });
         }
-        let window = chrono::Duration::from_std(rules.flap_window).unwrap_or(chrono::Duration::MAX);
-        let recent = tracker.transitions_since(now - window);
+        let recent = tracker.transitions_since(common::config::before(now, rules.flap_window));
         if recent > rules.flap_transitions {
             conditions.push(Condition {
                 rule: Rule::Flapping,

@@ -663,9 +663,7 @@ impl Monitor {
         if self.config.docker_socket.is_none() {
             return false;
         }
-        let window = chrono::Duration::from_std(self.config.restart_budget_window)
-            .unwrap_or(chrono::Duration::MAX);
-        let since = (now - window).naive_utc();
+        let since = common::config::before(now, self.config.restart_budget_window).naive_utc();
         let spent = lock(&self.recoveries)
             .iter()
             .filter(|r| r.action == "restart" && r.at >= since)

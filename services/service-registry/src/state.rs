@@ -384,9 +384,7 @@ impl State {
 
     /// Drops history older than the retention (called now and then by the sweeper).
     pub async fn prune_history(&self) {
-        let before = (Utc::now()
-            - chrono::Duration::from_std(self.history_retention).unwrap_or(chrono::Duration::MAX))
-        .naive_utc();
+        let before = common::config::before(Utc::now(), self.history_retention).naive_utc();
         if let Err(error) = self
             .db
             .run(move |conn| store::prune_history(conn, before))
