@@ -33,6 +33,24 @@ const SCHEDULE_TICK: Duration = Duration::from_millis(250);
 /// How long resolved alerts and recovery attempts stay visible.
 const KEEP_RESOLVED: Duration = Duration::from_secs(24 * 3600);
 
+/// A verdict of this monitor's checks the registry does not have.
+#[derive(Debug)]
+struct Correction {
+    instance: Instance,
+    to: HealthState,
+    registry_said: HealthState,
+    latency: Duration,
+}
+
+/// How bad a state is: a correction only ever makes the registry's view worse.
+fn severity(state: HealthState) -> u8 {
+    match state {
+        HealthState::Healthy => 0,
+        HealthState::Degraded => 1,
+        HealthState::Offline => 2,
+    }
+}
+
 /// One instance as the monitor follows it.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -268,7 +286,9 @@ impl Monitor {
                 Signal::Event(envelope) => match envelope.event {
                     Event::InstanceRegistered { instance }
                     | Event::InstanceUpdated { instance } => {
-                        self.upsert(instance);
+                        if let Some(correction) = self.upsert(instance) {
+                            self.correct(correction).await;
+                        }
                     }
                     Event::InstanceDeregistered { instance_id, .. } => {
                         lock(&self.entries).remove(&instance_id);
@@ -303,33 +323,53 @@ impl Monitor {
                     .map(|i| i.instance_id.clone())
                     .collect();
                 lock(&self.entries).retain(|id, _| ids.contains(id));
-                for instance in instances {
-                    self.upsert(instance);
-                }
+                let corrections: Vec<Correction> = instances
+                    .into_iter()
+                    .filter_map(|instance| self.upsert(instance))
+                    .collect();
                 self.loaded.store(true, Ordering::Relaxed);
+                for correction in corrections {
+                    self.correct(correction).await;
+                }
             }
             Err(error) => tracing::warn!(%error, "cannot load the instances from the registry"),
         }
     }
 
     /// Adds or refreshes an instance; a new one is first checked at a random point of
-    /// the interval, so that checks spread evenly.
-    fn upsert(&self, instance: Instance) {
+    /// the interval, so that checks spread evenly. Returns the correction to send when the
+    /// registry says better of an instance this monitor checks than its checks do.
+    fn upsert(&self, instance: Instance) -> Option<Correction> {
         self.dirty.store(true, Ordering::Relaxed);
         // Monitors do not check themselves or each other: a monitor that is shutting down
         // would report itself, and its peers' liveness is the registry's heartbeats' job.
         if instance.service.as_str() == crate::NAME {
-            return;
+            return None;
         }
         let id = instance.instance_id.clone();
         let mut entries = lock(&self.entries);
         if let Some(entry) = entries.get_mut(&id) {
+            let mut correction = None;
             if !self.owns(&id) {
                 entry.tracker.state = instance.health;
                 entry.tracker.since = instance.health_since;
+            } else if entry.tracker.last_check_at.is_some()
+                && severity(entry.tracker.state) > severity(instance.health)
+            {
+                // A report the registry never got (it was down), or a re-registration that
+                // set the instance healthy again: the checks' verdict goes again. A worse
+                // state in the registry (heartbeats stopped) is the registry's own to keep.
+                correction = Some(Correction {
+                    instance: instance.clone(),
+                    to: entry.tracker.state,
+                    registry_said: instance.health,
+                    latency: Duration::from_secs_f64(
+                        entry.tracker.latency_ms.unwrap_or(0.0).max(0.0) / 1e3,
+                    ),
+                });
             }
             entry.instance = instance;
-            return;
+            return correction;
         }
         let tracker = Tracker::new(instance.health, instance.health_since);
         let jitter = self.config.interval.mul_f64(fastrand::f64());
@@ -344,6 +384,29 @@ impl Monitor {
         );
         drop(entries);
         lock(&self.queue).push(Reverse((Instant::now() + jitter, 0, id)));
+        None
+    }
+
+    /// Sends the checks' verdict again to a registry that says better of the instance.
+    async fn correct(&self, correction: Correction) {
+        tracing::info!(
+            service = %correction.instance.service,
+            instance = %correction.instance.instance_id,
+            registry = correction.registry_said.as_str(),
+            checks = correction.to.as_str(),
+            "the registry says better of an instance than its checks; reporting again"
+        );
+        let reason = format!(
+            "reported again: the registry said {}",
+            correction.registry_said.as_str()
+        );
+        self.report(
+            &correction.instance,
+            correction.to,
+            &reason,
+            correction.latency,
+        )
+        .await;
     }
 
     // --- Checking ---------------------------------------------------------------------

@@ -225,3 +225,44 @@ async fn one_upstream_switched_through_every_mode_changes_state_each_time() {
     let (view, _) = stack.wait_state("switch", "switch-1", "offline").await;
     assert_eq!(view["last_error"]["reason"], "connect", "{view:#}");
 }
+
+/// A verdict the registry does not have goes to it again: here a re-registration set a
+/// failing instance healthy in the registry, and the checks, still failing, change no
+/// state of their own to report.
+#[tokio::test]
+async fn the_registry_gets_the_checks_verdict_again_when_it_says_better() {
+    let stack = Stack::start(None, FAST).await;
+    let upstream = Upstream::start(Mode::Healthy).await;
+    stack
+        .register("web", "web-1", "127.0.0.1", upstream.port, json!({}))
+        .await;
+    stack.wait_state("web", "web-1", "healthy").await;
+    upstream.set(Mode::Failing);
+    stack.wait_state("web", "web-1", "offline").await;
+    let registry_says = |expected: &'static str| {
+        let stack = &stack;
+        async move {
+            let started = std::time::Instant::now();
+            while stack.registry_health("web", "web-1").await != expected {
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "the registry never said {expected}\n{}",
+                    stack.monitor.output()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    registry_says("offline").await;
+
+    stack
+        .register("web", "web-1", "127.0.0.1", upstream.port, json!({}))
+        .await;
+    assert_eq!(stack.registry_health("web", "web-1").await, "healthy");
+    registry_says("offline").await;
+    assert!(
+        stack.monitor.output().contains("reporting again"),
+        "{}",
+        stack.monitor.output()
+    );
+}
