@@ -713,11 +713,35 @@ impl Monitor {
             if !recovery::due(&policy, &attempts, entry.tracker.since, now) {
                 continue;
             }
-            if matches!(policy.action, recovery::Action::Restart(_)) && !self.restart_allowed(now) {
-                continue;
+            if let recovery::Action::Restart(container) = &policy.action {
+                // Whose container it is comes before the budget: a refusal restarts
+                // nothing, and spends none of it.
+                if let Some(refusal) = self.restart_refusal(entry, container).await {
+                    self.record_attempt(entry, attempts.count + 1, "restart_refused", Err(refusal))
+                        .await;
+                    continue;
+                }
+                if !self.restart_allowed(now) {
+                    continue;
+                }
             }
             self.attempt_recovery(entry, &policy, attempts.count + 1)
                 .await;
+        }
+    }
+
+    /// Why `container` may not be restarted for `entry`'s instance, if it may not: it does
+    /// not carry `concierge.service=<the instance's service>`. An engine that cannot be
+    /// asked is no refusal; the restart will fail and say why.
+    async fn restart_refusal(&self, entry: &Entry, container: &str) -> Option<String> {
+        let socket = self.config.docker_socket.as_ref()?;
+        let service = entry.instance.service.as_str();
+        match crate::docker::labelled_for(socket, container, service).await {
+            Ok(false) => Some(format!(
+                "container {container} is not labelled {}={service}",
+                crate::docker::SERVICE_LABEL
+            )),
+            Ok(true) | Err(_) => None,
         }
     }
 
@@ -785,6 +809,18 @@ impl Monitor {
                 ("restart", outcome)
             }
         };
+        self.record_attempt(entry, attempt, action, outcome).await;
+    }
+
+    /// Counts, logs and stores one recovery attempt.
+    async fn record_attempt(
+        &self,
+        entry: &Entry,
+        attempt: u32,
+        action: &str,
+        outcome: Result<(), String>,
+    ) {
+        let instance = &entry.instance;
         self.metrics.recovery(outcome.is_ok());
         tracing::info!(
             service = %instance.service,

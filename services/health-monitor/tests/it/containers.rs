@@ -107,14 +107,17 @@ impl Podman {
         self.run("buildah", &["commit", &container, name]);
     }
 
-    /// Runs `image` as `name`, listening on `port` on the host's loopback.
+    /// Runs `image` as `name`, listening on `port` on the host's loopback, labelled as
+    /// the container of service `name` (`concierge.service=name`).
     fn container(&mut self, image: &str, name: &str, port: u16) {
         let publish = format!("127.0.0.1:{port}:{port}");
         let listen = format!("LISTEN_ADDR=0.0.0.0:{port}");
+        let label = format!("concierge.service={name}");
         self.run(
             "podman",
             &[
-                "run", "-d", "--name", name, "-p", &publish, "-e", &listen, image,
+                "run", "-d", "--name", name, "-p", &publish, "-e", &listen, "--label", &label,
+                image,
             ],
         );
         self.containers.push(name.to_owned());
@@ -198,6 +201,18 @@ async fn unhealthy_containers_are_restarted_within_budget_and_never_for_a_depend
             .await;
     }
     stack.wait_state("database", "db-1", "offline").await;
+    // Another service names alpha's container in its registration: its outage must never
+    // restart alpha, nor spend the budget.
+    let intruder = Upstream::start(Mode::Failing).await;
+    stack
+        .register(
+            "intruder",
+            "intruder-1",
+            "127.0.0.1",
+            intruder.port,
+            json!({"metadata": recovery("alpha")}),
+        )
+        .await;
     let before: Vec<String> = ["alpha", "beta", "gamma"]
         .iter()
         .map(|n| podman.started_at(n))
@@ -262,4 +277,11 @@ async fn unhealthy_containers_are_restarted_within_budget_and_never_for_a_depend
         gamma["recovery_attempts"].as_array().unwrap().is_empty(),
         "{gamma:#}"
     );
+    let intruder = stack.instance("intruder", "intruder-1").await;
+    let attempts = intruder["recovery_attempts"].as_array().unwrap();
+    assert!(!attempts.is_empty(), "{intruder:#}");
+    for attempt in attempts {
+        assert_eq!(attempt["action"], "restart_refused", "{intruder:#}");
+        assert_eq!(attempt["outcome"], "failed", "{intruder:#}");
+    }
 }
