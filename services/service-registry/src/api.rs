@@ -306,10 +306,12 @@ async fn register(
     };
     let row = store::InstanceRow::from_instance(&instance);
     let previous = existing.as_ref().map(|e| e.health);
-    state
+    let claimed = state
         .db
         .run(move |conn| {
-            store::upsert(conn, &row)?;
+            if !store::upsert(conn, &row)? {
+                return Ok(false);
+            }
             store::record_transition(
                 conn,
                 &store::NewTransition {
@@ -320,10 +322,16 @@ async fn register(
                     to_state: HealthState::Healthy.as_str(),
                     reason: "registered",
                 },
-            )
+            )?;
+            Ok(true)
         })
         .await
         .map_err(ApiError::from_db)?;
+    if !claimed {
+        return Err(ApiError::Conflict(format!(
+            "instance {id} belongs to another service"
+        )));
+    }
     state.metrics.registrations.inc();
     let event = if state.catalog.upsert(instance.clone()).is_some() {
         Event::InstanceUpdated { instance }

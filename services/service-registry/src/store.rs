@@ -100,24 +100,37 @@ fn to_json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_default()
 }
 
-/// Inserts or replaces the registration: re-registering an id updates it in place.
-/// The upsert is backend SQL, so it is an explicit match on the connection.
-pub fn upsert(conn: &mut DbConnection, row: &InstanceRow) -> Result<(), DbError> {
-    match conn {
+/// Inserts the registration, or updates it in place when the same service holds its id;
+/// `false` when another service holds it. Each statement is atomic and none writes
+/// another service's row, so concurrent registrations (also through other registry
+/// replicas, whose catalogs may lag) cannot take an id from its service. The insert is
+/// backend SQL, so it is an explicit match on the connection.
+pub fn upsert(conn: &mut DbConnection, row: &InstanceRow) -> Result<bool, DbError> {
+    let update = |conn: &mut DbConnection| {
+        diesel::update(
+            instances::table
+                .filter(instances::instance_id.eq(&row.instance_id))
+                .filter(instances::service.eq(&row.service)),
+        )
+        .set(row)
+        .execute(conn)
+    };
+    if update(conn)? == 1 {
+        return Ok(true);
+    }
+    let inserted = match conn {
         DbConnection::Postgresql(pg) => diesel::insert_into(instances::table)
             .values(row)
-            .on_conflict(instances::instance_id)
-            .do_update()
-            .set(row)
+            .on_conflict_do_nothing()
             .execute(pg)?,
         DbConnection::Sqlite(sqlite) => diesel::insert_into(instances::table)
             .values(row)
-            .on_conflict(instances::instance_id)
-            .do_update()
-            .set(row)
+            .on_conflict_do_nothing()
             .execute(sqlite)?,
     };
-    Ok(())
+    // Nothing inserted: the id is taken, by this service's registration that came in
+    // meanwhile (update it), or by another's.
+    Ok(inserted == 1 || update(conn)? == 1)
 }
 
 pub fn all(conn: &mut DbConnection) -> Result<Vec<InstanceRow>, DbError> {

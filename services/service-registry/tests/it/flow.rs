@@ -658,3 +658,32 @@ async fn a_heartbeat_revives_what_missed_heartbeats_but_not_the_monitors_verdict
         "the monitor's verdict stands"
     );
 }
+
+// A registry replica whose catalog has not caught up knows nothing of an id another
+// replica gave out: the database alone keeps the id with its service.
+both_backends!(
+    an_instance_id_stays_with_its_service_across_replicas,
+    |backend| async move {
+        let vault = VaultFixture::start().await;
+        let payments = vault.issue("payments").await;
+        let orders = vault.issue("orders").await;
+        let db = TestDb::new(backend);
+        let slow = [("HEARTBEAT_INTERVAL", "30s"), ("RESYNC_INTERVAL", "5m")];
+        let first = Registry::start(&vault, &db.url, &slow).await;
+        let second = Registry::start(&vault, &db.url, &slow).await;
+        assert_eq!(
+            first.register(&payments, registration("p-1")).await.status,
+            201
+        );
+        let mut taken = registration("p-1");
+        taken["name"] = json!("orders");
+        let refused = second.register(&orders, taken).await;
+        assert_eq!(refused.status, 409, "{:?}", refused.json());
+
+        let fresh = Registry::start(&vault, &db.url, &slow).await;
+        let owner = fresh.get("/api/services/payments", &payments).await;
+        assert_eq!(owner.status, 200, "{:?}", owner.json());
+        assert_eq!(owner.json()["instances"][0]["instance_id"], "p-1");
+        assert_eq!(fresh.get("/api/services/orders", &orders).await.status, 404);
+    }
+);
