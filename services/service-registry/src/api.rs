@@ -393,7 +393,7 @@ async fn heartbeat(
         ));
     }
     // A 404 tells a client that the registry forgot it: register again.
-    let mut instance = registered(&state, &service, &id)?;
+    let instance = registered(&state, &service, &id)?;
     let now = Utc::now();
     let (at, load, target) = (now.naive_utc(), beat.load, id.clone());
     let revive = instance.health == HealthState::Offline && state.take_expired(&id);
@@ -415,15 +415,22 @@ async fn heartbeat(
         )));
     }
     state.metrics.heartbeats.inc();
-    instance.last_heartbeat_at = now;
-    if beat.load.is_some() {
-        instance.load = beat.load;
-    }
-    if revive {
-        instance.health = HealthState::Healthy;
-        instance.health_since = now;
-    }
-    state.catalog.upsert(instance.clone());
+    let changed = state.catalog.update(&id, |current| {
+        current.last_heartbeat_at = now;
+        if beat.load.is_some() {
+            current.load = beat.load;
+        }
+        if revive {
+            current.health = HealthState::Healthy;
+            current.health_since = now;
+        }
+    });
+    let Some(instance) = changed else {
+        // Deregistered while the heartbeat was being written.
+        return Err(ApiError::NotFound(format!(
+            "instance {id} of {service} is not registered"
+        )));
+    };
     if revive {
         state
             .publish(Event::HealthChanged {
@@ -761,15 +768,21 @@ async fn drain(
     let service = service_name(&name)?;
     require_owner(&claims, service.as_str())?;
     let body: Drain = parse(&body)?;
-    let mut instance = registered(&state, &service, &id)?;
+    registered(&state, &service, &id)?;
     let target = id.clone();
     state
         .db
         .run(move |conn| store::set_draining(conn, &target, body.draining))
         .await
         .map_err(ApiError::from_db)?;
-    instance.draining = body.draining;
-    state.catalog.upsert(instance.clone());
+    let Some(instance) = state
+        .catalog
+        .update(&id, |current| current.draining = body.draining)
+    else {
+        return Err(ApiError::NotFound(format!(
+            "instance {id} of {service} is not registered"
+        )));
+    };
     state
         .publish(Event::InstanceUpdated {
             instance: instance.clone(),

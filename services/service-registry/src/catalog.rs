@@ -163,6 +163,22 @@ impl Catalog {
         previous
     }
 
+    /// Changes the instance as `change` says, if it is still there: a handler that read it
+    /// before awaiting the database must not bring back an instance deregistered
+    /// meanwhile, nor undo a change made meanwhile to fields it did not touch. Returns the
+    /// instance as it now is.
+    pub fn update(&self, id: &str, change: impl FnOnce(&mut Instance)) -> Option<Instance> {
+        let mut state = self.write();
+        let mut instance = state.by_id.get(id)?.clone();
+        change(&mut instance);
+        let previous = state.insert(instance.clone());
+        drop(state);
+        if previous.is_none_or(|p| material(&p) != material(&instance)) {
+            self.bump();
+        }
+        Some(instance)
+    }
+
     pub fn remove(&self, id: &str) -> Option<Instance> {
         let removed = self.write().remove(id);
         if removed.is_some() {
@@ -368,6 +384,32 @@ mod tests {
         assert_eq!(catalog.index(), start + 4);
         assert!(catalog.remove("a").is_none());
         assert_eq!(catalog.index(), start + 4);
+    }
+
+    #[test]
+    fn an_update_changes_only_what_it_says_and_only_what_is_there() {
+        let catalog = Catalog::default();
+        // A heartbeat read the instance healthy; the monitor set it offline meanwhile.
+        catalog.upsert(instance("a", Some(0.1), HealthState::Offline));
+        let now = Utc::now();
+        let updated = catalog.update("a", |i| i.last_heartbeat_at = now).unwrap();
+        assert_eq!(
+            updated.health,
+            HealthState::Offline,
+            "not the heartbeat's copy"
+        );
+        assert_eq!(updated.last_heartbeat_at, now);
+        // Deregistered while a handler awaited the database: it stays gone.
+        catalog.remove("a");
+        let index = catalog.index();
+        assert!(catalog.update("a", |i| i.draining = true).is_none());
+        assert!(catalog.get("a").is_none());
+        assert_eq!(catalog.index(), index);
+        // A material change moves the index.
+        catalog.upsert(instance("b", Some(0.1), HealthState::Healthy));
+        let index = catalog.index();
+        catalog.update("b", |i| i.health = HealthState::Degraded);
+        assert_eq!(catalog.index(), index + 1);
     }
 
     #[test]

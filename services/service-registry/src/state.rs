@@ -196,7 +196,7 @@ impl State {
     /// nothing if it is there already.
     pub async fn change_health(
         &self,
-        mut instance: Instance,
+        instance: Instance,
         to: HealthState,
         reason: String,
         latency_ms: Option<f64>,
@@ -229,12 +229,18 @@ impl State {
             })
             .await
             .map_err(ApiError::from_db)?;
-        instance.health = to;
-        instance.health_since = now;
         // Sticky: only a whole quiet window (settle_flapping) clears it.
-        instance.flapping = self.note_transition(&instance.instance_id) || instance.flapping;
+        let flaps = self.note_transition(&instance.instance_id);
         let (service, instance_id) = (instance.service.clone(), instance.instance_id.clone());
-        self.catalog.upsert(instance);
+        let changed = self.catalog.update(&instance_id, |current| {
+            current.health = to;
+            current.health_since = now;
+            current.flapping = flaps || current.flapping;
+        });
+        if changed.is_none() {
+            // Deregistered meanwhile: nothing changed health.
+            return Ok(());
+        }
         self.publish(Event::HealthChanged {
             service,
             instance_id,
@@ -282,10 +288,8 @@ impl State {
                 .collect()
         };
         for id in settled {
-            if let Some(mut instance) = self.catalog.get(&id) {
-                instance.flapping = false;
+            if self.catalog.update(&id, |i| i.flapping = false).is_some() {
                 tracing::info!(instance_id = %id, "stopped flapping; back in discovery");
-                self.catalog.upsert(instance);
             }
         }
     }
@@ -422,14 +426,17 @@ impl State {
             Event::HealthChanged {
                 instance_id, to, ..
             } => {
-                if let Some(mut instance) = self.catalog.get(&instance_id)
-                    && instance.health != to
+                if self
+                    .catalog
+                    .get(&instance_id)
+                    .is_some_and(|instance| instance.health != to)
                 {
-                    instance.health = to;
-                    instance.health_since = Utc::now();
-                    instance.flapping =
-                        self.note_transition(&instance.instance_id) || instance.flapping;
-                    self.catalog.upsert(instance);
+                    let flaps = self.note_transition(&instance_id);
+                    self.catalog.update(&instance_id, |instance| {
+                        instance.health = to;
+                        instance.health_since = Utc::now();
+                        instance.flapping = flaps || instance.flapping;
+                    });
                 }
             }
             // The vault's events are the `Authenticator`'s (its `follow`, by the caller).
