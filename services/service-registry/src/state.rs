@@ -13,6 +13,10 @@ use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::catalog::Catalog;
 use crate::error::ApiError;
+
+/// How the sweep's transitions to offline begin (`no heartbeat for 95s`): the history
+/// tells by it which offline instances a heartbeat may bring back.
+const EXPIRY_REASON: &str = "no heartbeat for";
 use crate::store;
 
 #[derive(Debug, Clone)]
@@ -310,13 +314,30 @@ impl State {
         Ok(())
     }
 
-    /// Reloads the catalog from the database (reconciliation).
+    /// Reloads the catalog from the database (reconciliation), and which offline
+    /// instances heartbeats may bring back: those the sweep took offline, also before a
+    /// restart or by another replica (the history says so).
     pub async fn reload(&self) -> Result<usize, common::db::DbError> {
         let rows = self.db.run(store::all).await?;
         let instances: Vec<Instance> = rows
             .into_iter()
             .filter_map(store::InstanceRow::into_instance)
             .collect();
+        let offline: Vec<String> = instances
+            .iter()
+            .filter(|i| i.health == HealthState::Offline)
+            .map(|i| i.instance_id.clone())
+            .collect();
+        if !offline.is_empty() {
+            let expired = self
+                .db
+                .run(move |conn| store::last_moved_for(conn, &offline, EXPIRY_REASON))
+                .await?;
+            self.expired
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(expired);
+        }
         let count = instances.len();
         self.catalog.replace_all(instances);
         self.update_gauges();
@@ -351,7 +372,7 @@ impl State {
             self.metrics.self_preservation.set(0);
             for instance in silent {
                 let reason = format!(
-                    "no heartbeat for {}s",
+                    "{EXPIRY_REASON} {}s",
                     (now - instance.last_heartbeat_at).num_seconds()
                 );
                 let id = instance.instance_id.clone();

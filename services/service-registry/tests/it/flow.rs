@@ -687,3 +687,39 @@ both_backends!(
         assert_eq!(fresh.get("/api/services/orders", &orders).await.status, 404);
     }
 );
+
+/// Which offline instances a heartbeat may bring back is in the history, not only in the
+/// memory of the registry that expired them: also after a restart (or on another replica).
+#[tokio::test]
+async fn a_heartbeat_revives_what_missed_heartbeats_also_after_a_restart() {
+    let vault = VaultFixture::start().await;
+    let payments = vault.issue("payments").await;
+    let db = TestDb::sqlite();
+    let registry = Registry::start(&vault, &db.url, &[("DEREGISTER_AFTER", "60s")]).await;
+    assert_eq!(
+        registry
+            .register(&payments, registration("p-1"))
+            .await
+            .status,
+        201
+    );
+    eventually(Duration::from_secs(5), "going offline", || async {
+        registry
+            .get("/api/discover?service=payments", &payments)
+            .await
+            .status
+            == 503
+    })
+    .await;
+    drop(registry);
+    let registry = Registry::start(&vault, &db.url, &[("DEREGISTER_AFTER", "60s")]).await;
+    let beat = registry
+        .call(
+            "PUT",
+            "/api/services/payments/instances/p-1/heartbeat",
+            Some(&payments),
+            None,
+        )
+        .await;
+    assert_eq!(beat.json()["health"], "healthy", "{:?}", beat.json());
+}
