@@ -344,6 +344,41 @@ impl State {
         Ok(count)
     }
 
+    /// Takes the database's last heartbeat of every instance that looks silent here: with
+    /// several replicas, heartbeats that went to another reach this one's catalog only at
+    /// its next reload, and may be younger than the TTL.
+    async fn catch_up_heartbeats(&self, now: chrono::DateTime<Utc>, ttl: chrono::Duration) {
+        let silent: Vec<String> = self
+            .catalog
+            .all()
+            .into_iter()
+            .filter(|i| now - i.last_heartbeat_at > ttl)
+            .map(|i| i.instance_id)
+            .collect();
+        if silent.is_empty() {
+            return;
+        }
+        let beats = match self
+            .db
+            .run(move |conn| store::last_heartbeats(conn, &silent))
+            .await
+        {
+            Ok(beats) => beats,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the last heartbeats");
+                return;
+            }
+        };
+        for (id, at) in beats {
+            let at = at.and_utc();
+            self.catalog.update(&id, |instance| {
+                if at > instance.last_heartbeat_at {
+                    instance.last_heartbeat_at = at;
+                }
+            });
+        }
+    }
+
     /// Heartbeats stopped for a TTL: offline. Offline for DEREGISTER_AFTER: removed.
     /// When more than half of all instances would expire at once, the registry suspects
     /// itself or its network rather than the fleet (Eureka's self-preservation): it logs,
@@ -353,6 +388,7 @@ impl State {
         let ttl = chrono::Duration::from_std(self.ttl()).unwrap_or(chrono::Duration::MAX);
         let grace =
             chrono::Duration::from_std(self.deregister_after).unwrap_or(chrono::Duration::MAX);
+        self.catch_up_heartbeats(now, ttl).await;
         let all = self.catalog.all();
         let (silent, rest): (Vec<Instance>, Vec<Instance>) = all
             .into_iter()

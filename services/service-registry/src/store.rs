@@ -148,6 +148,17 @@ pub fn find(conn: &mut DbConnection, id: &str) -> Result<Option<InstanceRow>, Db
         .optional()?)
 }
 
+/// The last heartbeat of each of `instance_ids` that is still registered.
+pub fn last_heartbeats(
+    conn: &mut DbConnection,
+    instance_ids: &[String],
+) -> Result<Vec<(String, NaiveDateTime)>, DbError> {
+    Ok(instances::table
+        .filter(instances::instance_id.eq_any(instance_ids))
+        .select((instances::instance_id, instances::last_heartbeat_at))
+        .load(conn)?)
+}
+
 pub fn heartbeat(
     conn: &mut DbConnection,
     id: &str,

@@ -723,3 +723,42 @@ async fn a_heartbeat_revives_what_missed_heartbeats_also_after_a_restart() {
         .await;
     assert_eq!(beat.json()["health"], "healthy", "{:?}", beat.json());
 }
+
+/// With several replicas, heartbeats reach the one a client talks to; another must not
+/// expire the instance for heartbeats it has not seen yet.
+#[tokio::test]
+async fn a_replica_never_expires_an_instance_that_heartbeats_to_another() {
+    let vault = VaultFixture::start().await;
+    let payments = vault.issue("payments").await;
+    let db = TestDb::sqlite();
+    // A TTL of 600 ms and no reload within the test: only the database tells the second
+    // replica of the heartbeats.
+    let settings = [("HEARTBEAT_INTERVAL", "200ms"), ("RESYNC_INTERVAL", "5m")];
+    let first = Registry::start(&vault, &db.url, &settings).await;
+    assert_eq!(
+        first.register(&payments, registration("p-1")).await.status,
+        201
+    );
+    // The second replica reads p-1 at its start, and never again here.
+    let second = Registry::start(&vault, &db.url, &settings).await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        let beat = first
+            .call(
+                "PUT",
+                "/api/services/payments/instances/p-1/heartbeat",
+                Some(&payments),
+                None,
+            )
+            .await;
+        assert_eq!(beat.json()["health"], "healthy", "{:?}", beat.json());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen = second.get("/api/services/payments", &payments).await;
+    assert_eq!(
+        seen.json()["instances"][0]["health"],
+        "healthy",
+        "{:?}",
+        seen.json()
+    );
+}
