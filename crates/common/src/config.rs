@@ -142,16 +142,18 @@ impl Env {
     }
 }
 
-/// A secret from a file: its text without trailing newlines; empty or unreadable is an error.
-/// `span` (a configured duration) before `now`, or the calendar's start when it reaches
-/// further back: `now - span` would panic there. A window that long covers everything.
-pub fn before(now: chrono::DateTime<chrono::Utc>, span: Duration) -> chrono::DateTime<chrono::Utc> {
+/// `span` (a configured duration) before `now`; `None` when that is before the calendar's
+/// start (`now - span` would panic there): a window that long covers everything.
+pub fn before(
+    now: chrono::DateTime<chrono::Utc>,
+    span: Duration,
+) -> Option<chrono::DateTime<chrono::Utc>> {
     chrono::Duration::from_std(span)
         .ok()
         .and_then(|span| now.checked_sub_signed(span))
-        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC)
 }
 
+/// A secret from a file: its text without trailing newlines; empty or unreadable is an error.
 pub fn read_secret_file(path: &Path) -> Result<Secret<String>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let text = String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8", path.display()))?;
@@ -353,22 +355,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_span_before_the_calendar_starts_at_its_start() {
+    fn a_span_before_the_calendar_starts_is_none() {
         let now = chrono::Utc::now();
         assert_eq!(
             before(now, Duration::from_secs(60)),
-            now - chrono::Duration::seconds(60)
+            Some(now - chrono::Duration::seconds(60))
         );
         // HISTORY_RETENTION=99999999d: `now - span` would panic.
         let forever = Duration::from_secs(99_999_999 * 86_400);
-        assert_eq!(
-            before(now, forever),
-            chrono::DateTime::<chrono::Utc>::MIN_UTC
-        );
-        assert_eq!(
-            before(now, Duration::MAX),
-            chrono::DateTime::<chrono::Utc>::MIN_UTC
-        );
+        assert_eq!(before(now, forever), None);
+        assert_eq!(before(now, Duration::MAX), None);
     }
 
     #[test]

@@ -118,7 +118,9 @@ pub fn evaluate(
                 caused_by: None,
             });
         }
-        let recent = tracker.transitions_since(common::config::before(now, rules.flap_window));
+        let since =
+            common::config::before(now, rules.flap_window).unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let recent = tracker.transitions_since(since);
         if recent > rules.flap_transitions {
             conditions.push(Condition {
                 rule: Rule::Flapping,

@@ -353,12 +353,16 @@ impl Monitor {
             if !self.owns(&id) {
                 entry.tracker.state = instance.health;
                 entry.tracker.since = instance.health_since;
-            } else if entry.tracker.last_check_at.is_some()
+            } else if entry
+                .tracker
+                .last_check_at
+                .is_some_and(|checked| checked > instance.health_since)
                 && severity(entry.tracker.state) > severity(instance.health)
             {
                 // A report the registry never got (it was down), or a re-registration that
-                // set the instance healthy again: the checks' verdict goes again. A worse
-                // state in the registry (heartbeats stopped) is the registry's own to keep.
+                // set a still failing instance healthy: a check made since the registry's
+                // state began still says worse, and goes again. A worse state in the
+                // registry (heartbeats stopped) is the registry's own to keep.
                 correction = Some(Correction {
                     instance: instance.clone(),
                     to: entry.tracker.state,
@@ -387,8 +391,15 @@ impl Monitor {
         None
     }
 
-    /// Sends the checks' verdict again to a registry that says better of the instance.
+    /// Sends the checks' verdict again to a registry that says better of the instance,
+    /// unless the checks have changed their verdict meanwhile.
     async fn correct(&self, correction: Correction) {
+        let still = lock(&self.entries)
+            .get(&correction.instance.instance_id)
+            .is_some_and(|entry| entry.tracker.state == correction.to);
+        if !still {
+            return;
+        }
         tracing::info!(
             service = %correction.instance.service,
             instance = %correction.instance.instance_id,
@@ -750,7 +761,9 @@ impl Monitor {
         if self.config.docker_socket.is_none() {
             return false;
         }
-        let since = common::config::before(now, self.config.restart_budget_window).naive_utc();
+        let since = common::config::before(now, self.config.restart_budget_window)
+            .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC)
+            .naive_utc();
         let spent = lock(&self.recoveries)
             .iter()
             .filter(|r| r.action == "restart" && r.at >= since)

@@ -151,14 +151,41 @@ const MAX_NAME_BYTES: usize = 255;
 /// A registration's metadata, as JSON.
 const MAX_METADATA_BYTES: usize = 16 * 1024;
 
-/// A path prefix the gateway can match as it is: what it normalises or refuses in request
-/// paths (escapes, parameters, dot segments) has no place in one.
+/// A path prefix written as the gateway matches request paths: escapes only where needed
+/// (upper-case hex, never for an unreserved character, never `/`, `\` or NUL), and no
+/// parameters, queries, fragments or dot segments, which it refuses or removes.
 fn is_route(route: &str) -> bool {
+    let bytes = route.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let hex = |d: u8| match d {
+                b'0'..=b'9' => Some(d - b'0'),
+                b'A'..=b'F' => Some(d - b'A' + 10),
+                _ => None,
+            };
+            let decoded = bytes
+                .get(i + 1..i + 3)
+                .and_then(|pair| Some(hex(pair[0])? * 16 + hex(pair[1])?));
+            match decoded {
+                Some(d)
+                    if !d.is_ascii_alphanumeric()
+                        && !matches!(d, b'-' | b'.' | b'_' | b'~' | b'/' | b'\\' | 0) =>
+                {
+                    i += 3;
+                    continue;
+                }
+                _ => return false,
+            }
+        }
+        if !b.is_ascii_graphic() || matches!(b, b';' | b'?' | b'#' | b'\\') {
+            return false;
+        }
+        i += 1;
+    }
     route.starts_with('/')
         && route.len() <= 512
-        && route
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && !matches!(b, b'%' | b';' | b'?' | b'#' | b'\\'))
         && !route
             .split('/')
             .any(|segment| segment == "." || segment == "..")
@@ -222,7 +249,8 @@ impl Register {
             return Err(ApiError::invalid(
                 "invalid-route",
                 "routes are at most 32 path prefixes starting with /, of at most 512 \
-                 characters, without '.' or '..' segments, '%', ';', '?', '#' or spaces",
+                 characters, without '.' or '..' segments, ';', '?', '#' or spaces, escaping \
+                 with upper-case hex only what must be escaped",
             ));
         }
         if self.weight == Some(0) || self.weight.is_some_and(|w| w > 1000) {
@@ -396,15 +424,35 @@ async fn heartbeat(
     let instance = registered(&state, &service, &id)?;
     let now = Utc::now();
     let (at, load, target) = (now.naive_utc(), beat.load, id.clone());
-    let revive = instance.health == HealthState::Offline && state.take_expired(&id);
-    let updated = state
+    let offline = instance.health == HealthState::Offline;
+    let expired_here = offline && state.take_expired(&id);
+    let owner = service.as_str().to_owned();
+    let (updated, revive) = state
         .db
         .run(move |conn| {
             let updated = store::heartbeat(conn, &target, at, load)?;
+            // The sweep took it offline (here, before a restart, or on another replica),
+            // and no verdict of the monitor's came since: the history says so.
+            let revive = updated > 0
+                && offline
+                && (expired_here
+                    || store::latest_reason(conn, &target)?
+                        .is_some_and(|why| why.starts_with(crate::state::EXPIRY_REASON)));
             if revive {
                 store::set_health(conn, &target, HealthState::Healthy, at)?;
+                store::record_transition(
+                    conn,
+                    &store::NewTransition {
+                        instance_id: &target,
+                        service: &owner,
+                        at,
+                        from_state: Some(HealthState::Offline.as_str()),
+                        to_state: HealthState::Healthy.as_str(),
+                        reason: "heartbeat resumed",
+                    },
+                )?;
             }
-            Ok(updated)
+            Ok((updated, revive))
         })
         .await
         .map_err(ApiError::from_db)?;
@@ -480,6 +528,35 @@ async fn set_health(
     let reason = body.reason.chars().take(512).collect::<String>();
     state.take_expired(&id);
     let latency_ms = body.latency_ms.filter(|l| l.is_finite() && *l >= 0.0);
+    if instance.health == body.state {
+        // Already so, for missing heartbeats perhaps: the history must now say the
+        // monitor's verdict holds it there, or a heartbeat would bring it back.
+        let (target, owner, to) = (id.clone(), service.as_str().to_owned(), body.state);
+        let at = Utc::now().naive_utc();
+        state
+            .db
+            .run(move |conn| {
+                if store::latest_reason(conn, &target)?
+                    .is_some_and(|why| why.starts_with(crate::state::EXPIRY_REASON))
+                {
+                    store::record_transition(
+                        conn,
+                        &store::NewTransition {
+                            instance_id: &target,
+                            service: &owner,
+                            at,
+                            from_state: Some(to.as_str()),
+                            to_state: to.as_str(),
+                            reason: &reason,
+                        },
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(ApiError::from_db)?;
+        return Ok(HttpResponse::NoContent().finish());
+    }
     state
         .change_health(instance, body.state, reason, latency_ms)
         .await?;

