@@ -436,8 +436,7 @@ async fn heartbeat(
             let revive = updated > 0
                 && offline
                 && (expired_here
-                    || store::latest_reason(conn, &target)?
-                        .is_some_and(|why| why.starts_with(crate::state::EXPIRY_REASON)));
+                    || store::last_moved_for(conn, &target, crate::state::EXPIRY_REASON)?);
             if revive {
                 store::set_health(conn, &target, HealthState::Healthy, at)?;
                 store::record_transition(
@@ -536,9 +535,7 @@ async fn set_health(
         state
             .db
             .run(move |conn| {
-                if store::latest_reason(conn, &target)?
-                    .is_some_and(|why| why.starts_with(crate::state::EXPIRY_REASON))
-                {
+                if store::last_moved_for(conn, &target, crate::state::EXPIRY_REASON)? {
                     store::record_transition(
                         conn,
                         &store::NewTransition {

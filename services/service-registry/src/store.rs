@@ -270,17 +270,19 @@ pub fn history(
     Ok(newest)
 }
 
-/// The reason of `instance_id`'s latest transition, if it has one.
-pub fn latest_reason(
+/// Whether `instance_id`'s latest transition was for a reason starting with `reason`.
+pub fn last_moved_for(
     conn: &mut DbConnection,
     instance_id: &str,
-) -> Result<Option<String>, DbError> {
-    Ok(health_history::table
+    reason: &str,
+) -> Result<bool, DbError> {
+    let latest: Option<String> = health_history::table
         .filter(health_history::instance_id.eq(instance_id))
         .order((health_history::at.desc(), health_history::id.desc()))
         .select(health_history::reason)
         .first(conn)
-        .optional()?)
+        .optional()?;
+    Ok(latest.is_some_and(|why| why.starts_with(reason)))
 }
 
 pub fn prune_history(conn: &mut DbConnection, before: NaiveDateTime) -> Result<usize, DbError> {
