@@ -14,6 +14,7 @@ pub mod healthcheck;
 pub mod http;
 pub mod hyper_server;
 pub mod metrics;
+pub mod path;
 pub mod problem;
 pub mod readiness;
 pub mod registration;

@@ -151,44 +151,16 @@ const MAX_NAME_BYTES: usize = 255;
 /// A registration's metadata, as JSON.
 const MAX_METADATA_BYTES: usize = 16 * 1024;
 
-/// A path prefix written as the gateway matches request paths: escapes only where needed
-/// (upper-case hex, never for an unreserved character, never `/`, `\` or NUL), and no
-/// parameters, queries, fragments or dot segments, which it refuses or removes.
+/// A path prefix written as the gateway matches request paths (`common::path`): it passes
+/// the gateway's checks and is already normalised (escapes only where needed, upper-case
+/// hex), with no parameters, query, fragment or anything but visible ASCII.
 fn is_route(route: &str) -> bool {
-    let bytes = route.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'%' {
-            let hex = |d: u8| match d {
-                b'0'..=b'9' => Some(d - b'0'),
-                b'A'..=b'F' => Some(d - b'A' + 10),
-                _ => None,
-            };
-            let decoded = bytes
-                .get(i + 1..i + 3)
-                .and_then(|pair| Some(hex(pair[0])? * 16 + hex(pair[1])?));
-            match decoded {
-                Some(d)
-                    if !d.is_ascii_alphanumeric()
-                        && !matches!(d, b'-' | b'.' | b'_' | b'~' | b'/' | b'\\' | 0) =>
-                {
-                    i += 3;
-                    continue;
-                }
-                _ => return false,
-            }
-        }
-        if !b.is_ascii_graphic() || matches!(b, b';' | b'?' | b'#' | b'\\') {
-            return false;
-        }
-        i += 1;
-    }
-    route.starts_with('/')
-        && route.len() <= 512
-        && !route
-            .split('/')
-            .any(|segment| segment == "." || segment == "..")
+    route.len() <= 512
+        && route
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b';' | b'?' | b'#'))
+        && common::path::check(route, None).is_ok()
+        && common::path::normalize(route) == route
 }
 
 #[derive(Debug, Deserialize)]
