@@ -63,12 +63,14 @@ impl Drop for Guard {
 
 fn release_binary(package: &str) -> Result<PathBuf> {
     build_release(&["--package", package], package)?;
-    Ok(repo_root().join("target/release").join(package))
+    Ok(crate::cargo_target_dir().join("release").join(package))
 }
 
 fn release_example(package: &str, example: &str) -> Result<PathBuf> {
     build_release(&["--package", package, "--example", example], example)?;
-    Ok(repo_root().join("target/release/examples").join(example))
+    Ok(crate::cargo_target_dir()
+        .join("release/examples")
+        .join(example))
 }
 
 fn build_release(args: &[&str], what: &str) -> Result<()> {

@@ -215,7 +215,9 @@ fn prepare_prebuilt(root: &Path, images: &[Image]) -> Result<()> {
             std::fs::remove_dir_all(&dir)
                 .with_context(|| format!("cannot clear {}", dir.display()))?;
         }
-        let binary = root.join("target/release").join(image.service);
+        let binary = crate::cargo_target_dir()
+            .join("release")
+            .join(image.service);
         let status = Command::new("sh")
             .arg(root.join("docker/rootfs.sh"))
             .arg(&binary)

@@ -68,6 +68,17 @@ fn repo_root() -> PathBuf {
         .unwrap_or(manifest_dir)
 }
 
+/// Where cargo puts what it builds: `CARGO_TARGET_DIR` if set (relative to the root, where
+/// xtask runs cargo), else `target/` under the root. The binaries xtask runs are looked
+/// for there, so that a run with another target directory never starts stale ones.
+fn cargo_target_dir() -> PathBuf {
+    let root = repo_root();
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root.join(dir),
+        _ => root.join("target"),
+    }
+}
+
 /// Runs `command` to completion, its stdin closed, and returns its stdout; a failure
 /// carries what it printed on both streams.
 fn output(command: &mut std::process::Command) -> anyhow::Result<String> {

@@ -80,7 +80,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .create(&data)
         .with_context(|| format!("cannot create {}", data.display()))?;
 
-    bootstrap_vault(&root, &data)?;
+    bootstrap_vault(&data)?;
 
     let (events, exits) = mpsc::channel::<Event>();
     {
@@ -93,7 +93,7 @@ pub fn run(args: &[String]) -> Result<()> {
 
     let mut children = Vec::new();
     for spec in &STACK {
-        match start(&root, &data, spec, events.clone()) {
+        match start(&data, spec, events.clone()) {
             Ok(child) => children.push((spec, child)),
             Err(error) => {
                 stop_all(&mut children);
@@ -125,8 +125,8 @@ pub fn run(args: &[String]) -> Result<()> {
 
 /// A dev master key and `credential-vault init` into `data`, once: the files stay, and
 /// the next `up` reuses them.
-fn bootstrap_vault(root: &Path, data: &Path) -> Result<()> {
-    let vault = root.join("target/debug/credential-vault");
+fn bootstrap_vault(data: &Path) -> Result<()> {
+    let vault = crate::cargo_target_dir().join("debug/credential-vault");
     let spec = &STACK[0];
     let master_key = data.join("master-key");
     if !master_key.exists() {
@@ -190,13 +190,8 @@ fn check_ports() -> Result<()> {
     Ok(())
 }
 
-fn start(
-    root: &Path,
-    data: &Path,
-    spec: &'static Spec,
-    events: mpsc::Sender<Event>,
-) -> Result<Child> {
-    let binary = root.join("target/debug").join(spec.name);
+fn start(data: &Path, spec: &'static Spec, events: mpsc::Sender<Event>) -> Result<Child> {
+    let binary = crate::cargo_target_dir().join("debug").join(spec.name);
     let mut command = Command::new(&binary);
     command
         .env("LISTEN_ADDR", format!("127.0.0.1:{}", spec.port))
