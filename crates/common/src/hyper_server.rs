@@ -127,7 +127,9 @@ impl Builtins {
             ),
             "/ready" => (
                 "/ready",
-                match self.readiness.evaluate().await {
+                // Boxed: the checks' state would otherwise be part of the future of
+                // every request a service's handler sends here first.
+                match Box::pin(self.readiness.evaluate()).await {
                     Ok(body) => json_response(StatusCode::OK, &body),
                     Err(problem) => problem_response(&problem),
                 },

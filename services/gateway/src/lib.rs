@@ -143,9 +143,11 @@ pub async fn run(
     let options = shared.config.server.clone();
     let handler = {
         let shared = shared.clone();
+        // Boxed once here, hyper and the server's wrapper move a pointer rather than the
+        // request's whole future (kilobytes) as they take it in.
         move |req: Request<Incoming>| {
             let shared = shared.clone();
-            async move { handle(&shared, req).await }
+            Box::pin(async move { handle(&shared, req).await })
         }
     };
     let served = hyper_server::serve(listener, &registry, handler, shutdown, &options).await;
@@ -279,8 +281,11 @@ async fn dispatch(
     // Identity comes from the gateway alone, whatever the client sent.
     req.headers_mut().remove(proxy::SUBJECT_HEADER);
 
+    // The cold paths' futures are boxed, here and below: unboxed, their states (kilobytes:
+    // a JWKS fetch, a Redis script, a second `forward`) would be part of every request's
+    // future and copied whole each time it moves.
     if routing::is_under(path, "/api/gateway") {
-        return gateway_endpoint(shared, req, path).await;
+        return Box::pin(gateway_endpoint(shared, req, path)).await;
     }
 
     let table = shared.table.load_full();
@@ -294,22 +299,30 @@ async fn dispatch(
     let needs_token =
         (route.control_plane && !table::PUBLIC_PATHS.contains(&path)) || policy.require_token;
     let claims = if needs_token {
-        Some(authenticate(shared, req.headers()).await.map_err(fail)?)
+        Some(
+            Box::pin(authenticate(shared, req.headers()))
+                .await
+                .map_err(fail)?,
+        )
     } else {
         None
     };
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
-    let limit = rate_limit(
-        shared,
-        peer,
-        claims.as_ref(),
-        policy_prefix,
-        policy,
-        &route.service,
-        &label,
-    )
-    .await
-    .map_err(fail)?;
+    let limit = if policy.per_client.is_some() || policy.per_service.is_some() {
+        Box::pin(rate_limit(
+            shared,
+            peer,
+            claims.as_ref(),
+            policy_prefix,
+            policy,
+            &route.service,
+            &label,
+        ))
+        .await
+        .map_err(fail)?
+    } else {
+        None
+    };
 
     let upstream_path = if route.strip {
         routing::strip(path, &route.prefix)

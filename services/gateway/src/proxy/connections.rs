@@ -7,7 +7,9 @@
 //! waiters and the task it spawns per request to take a connection back were work for
 //! nothing (about 1.2 µs of CPU per HTTP/1.1 request, 1.7 µs per h2c one).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -142,7 +144,15 @@ impl Upstreams {
         request: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
         let shared = &endpoint.live.h2c;
-        let connect = || shared.sender(&endpoint.authority, connect_timeout, &self.http2);
+        // Boxed when it must connect, for the reason `handshake_http1` is.
+        let connect = || async {
+            match shared.ready(&endpoint.authority) {
+                Some(sender) => Ok(sender),
+                None => {
+                    Box::pin(shared.sender(&endpoint.authority, connect_timeout, &self.http2)).await
+                }
+            }
+        };
         let mut sender = match connect().await {
             Ok(sender) => sender,
             Err(error) => return Err(SendError::connect(error, request)),
@@ -164,7 +174,17 @@ impl Upstreams {
     }
 }
 
-async fn handshake_http1(
+/// A new HTTP/1.1 connection to `authority`. Its future is boxed: the connect and
+/// handshake states are large and seldom needed, and unboxed they would be part of every
+/// request's future, held while it is open and copied whole each time it moves.
+fn handshake_http1(
+    authority: &Authority,
+    timeout: Duration,
+) -> Pin<Box<impl Future<Output = Result<http1::SendRequest<Body>, BoxError>> + Send + '_>> {
+    Box::pin(handshake_http1_unboxed(authority, timeout))
+}
+
+async fn handshake_http1_unboxed(
     authority: &Authority,
     timeout: Duration,
 ) -> Result<http1::SendRequest<Body>, BoxError> {

@@ -230,9 +230,14 @@ pub async fn forward(
         let answer = tokio::time::timeout(policy.timeout, async {
             let slot = endpoint.live.slots.clone().acquire_owned().await.ok()?;
             let mut guard = InFlight::start(&endpoint.live, slot);
-            let sent = cx
-                .upstreams
-                .send(endpoint, protocol, policy.connect_timeout, request)
+            // Boxed: this future holds the request and hyper's states (over a kilobyte);
+            // unboxed, every future around it would hold it too, and each is copied
+            // whole as it moves.
+            let sent =
+                Box::pin(
+                    cx.upstreams
+                        .send(endpoint, protocol, policy.connect_timeout, request),
+                )
                 .await
                 .map(|Sent { response, lent }| {
                     guard.lent = lent;
