@@ -4,6 +4,7 @@
 
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod address;
 pub mod api;
 pub mod auth;
 pub mod client;

@@ -302,6 +302,13 @@ async fn connect(
     let target = addresses
         .next()
         .ok_or_else(|| (Reason::Dns, format!("{address} resolves to nothing")))?;
+    // Never a cloud's metadata service, whatever name leads there (`common::address`).
+    if let Some(why) = common::address::refused(target.ip()) {
+        return Err((
+            Reason::Connect,
+            format!("{address} resolves to {}, {why}: not checked", target.ip()),
+        ));
+    }
     timeout_at(deadline, tokio::net::TcpStream::connect(target))
         .await
         .map_err(|_| timed_out())?
@@ -647,6 +654,22 @@ mod tests {
         let port = long_page(500, 100 * 1024).await;
         let (probe, _) = check("127.0.0.1", port, &plain(), second, second, None).await;
         assert_eq!(probe.verdict, Verdict::Fail(Reason::Status), "{probe:?}");
+    }
+
+    #[tokio::test]
+    async fn a_metadata_address_is_never_checked() {
+        let second = Duration::from_secs(2);
+        for method in [plain(), Method::Tcp] {
+            for address in ["169.254.169.254", "fd00:ec2::254"] {
+                let (probe, _) = check(address, 80, &method, second, second, None).await;
+                assert_eq!(probe.verdict, Verdict::Fail(Reason::Connect), "{probe:?}");
+                assert!(
+                    probe.detail.contains("metadata"),
+                    "{address}: {}",
+                    probe.detail
+                );
+            }
+        }
     }
 
     #[test]

@@ -194,11 +194,22 @@ impl Register {
                 "port must be between 1 and 65535",
             ));
         }
-        if self.address.parse::<IpAddr>().is_err() && !is_hostname(&self.address) {
-            return Err(ApiError::invalid(
-                "invalid-address",
-                "address must be an IP address or a host name",
-            ));
+        match self.address.parse::<IpAddr>() {
+            Ok(ip) => {
+                if let Some(why) = common::address::refused(ip) {
+                    return Err(ApiError::invalid(
+                        "invalid-address",
+                        format!("address {ip} is {why}, never an instance's"),
+                    ));
+                }
+            }
+            Err(_) if is_hostname(&self.address) => {}
+            Err(_) => {
+                return Err(ApiError::invalid(
+                    "invalid-address",
+                    "address must be an IP address or a host name",
+                ));
+            }
         }
         if !self.health_endpoint.starts_with('/')
             || self.health_endpoint.len() > 1024

@@ -472,6 +472,21 @@ async fn connect(authority: &Authority, timeout: Duration) -> Result<TcpStream, 
     if addresses.is_empty() {
         return Err(format!("{host} resolves to no address").into());
     }
+    // Never to a cloud's metadata service, whatever name leads there (`common::address`).
+    let mut refusal = None;
+    let addresses: Vec<SocketAddr> = addresses
+        .into_iter()
+        .filter(|address| match common::address::refused(address.ip()) {
+            Some(why) => {
+                refusal = Some(format!("{host} resolves to {}, {why}", address.ip()));
+                false
+            }
+            None => true,
+        })
+        .collect();
+    if let Some(refusal) = refusal.filter(|_| addresses.is_empty()) {
+        return Err(refusal.into());
+    }
     connect_to(&addresses, deadline).await
 }
 
@@ -535,6 +550,24 @@ mod tests {
         assert_eq!(host_and_port(&parse("vault:8200")), ("vault", 8200));
         assert_eq!(host_and_port(&parse("[::1]:8080")), ("::1", 8080));
         assert_eq!(host_and_port(&parse("[::1]")), ("::1", 80));
+    }
+
+    #[tokio::test]
+    async fn a_metadata_address_is_never_connected_to() {
+        for authority in [
+            "169.254.169.254",
+            "[fd00:ec2::254]:80",
+            "[::ffff:169.254.169.254]:80",
+        ] {
+            let error = connect(&Authority::from_static(authority), Duration::from_secs(5))
+                .await
+                .expect_err(authority)
+                .to_string();
+            assert!(
+                error.contains("link-local") || error.contains("metadata"),
+                "{authority}: {error}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -355,6 +355,24 @@ async fn bad_input_gets_a_clear_problem() {
         ),
         (
             registry
+                .register(&payments, with("address", json!("169.254.169.254")))
+                .await,
+            400,
+        ),
+        (
+            registry
+                .register(&payments, with("address", json!("::ffff:169.254.169.254")))
+                .await,
+            400,
+        ),
+        (
+            registry
+                .register(&payments, with("address", json!("0.0.0.0")))
+                .await,
+            400,
+        ),
+        (
+            registry
                 .register(&payments, with("health_endpoint", json!("health")))
                 .await,
             400,
