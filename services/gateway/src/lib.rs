@@ -452,8 +452,9 @@ async fn rate_limit(
     service: &str,
     label: &str,
 ) -> Result<Option<Decision>, GatewayError> {
-    let mut tightest: Option<Decision> = None;
     // Keys are built only for the limits the route has: most routes have none.
+    let mut scopes = Vec::with_capacity(2);
+    let mut limits = Vec::with_capacity(2);
     for (scope, rate) in [
         ("client", policy.per_client),
         ("service", policy.per_service),
@@ -469,8 +470,17 @@ async fn rate_limit(
             },
             _ => format!("concierge:rl:{policy_prefix}:service:{service}"),
         };
-        let (decision, backend) = shared.limiter.check(&key, rate).await;
-        shared.metrics.rate_decision(backend.as_str());
+        scopes.push(scope);
+        limits.push((key, rate));
+    }
+    if limits.is_empty() {
+        return Ok(None);
+    }
+    // One decision for all of them: a request one refuses spends nothing of the others.
+    let (decisions, backend) = shared.limiter.check(&limits).await;
+    shared.metrics.rate_decision(backend.as_str());
+    let mut tightest: Option<Decision> = None;
+    for (scope, decision) in scopes.into_iter().zip(decisions) {
         if !decision.allowed {
             shared.metrics.rate_limited(label, scope);
             return Err(GatewayError::RateLimited { scope, decision });

@@ -92,7 +92,7 @@ impl GatewayMetrics {
             )?,
             rate_decisions: counter(
                 "concierge_gateway_rate_limit_decisions_total",
-                "Rate-limit decisions, by where they were made (redis, local, fallback when Redis failed).",
+                "Rate-limit decisions, one per request a route limits (all its limits at once), by where they were made (redis, local, fallback when Redis failed).",
                 &["backend"],
             )?,
             table_updates: counter(

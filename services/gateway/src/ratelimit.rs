@@ -153,32 +153,44 @@ impl Limiter {
         }
     }
 
-    pub async fn check(&self, key: &str, rate: Rate) -> (Decision, Backend) {
+    /// One request against all of `limits` (key, rate) at once, in one step (one Redis
+    /// script when shared): it counts against them only if each allows it, so that a
+    /// request the service's limit refuses spends nothing of its client's. The
+    /// decisions come in the order of `limits`.
+    pub async fn check(&self, limits: &[(String, Rate)]) -> (Vec<Decision>, Backend) {
         if let Some(shared) = &self.shared {
-            match shared.gcra(key, rate.interval_us(), rate.period_us()).await {
-                Ok(answer) => {
-                    return (
-                        decision_from_shared(
-                            answer.allowed,
-                            answer.retry_after_us,
-                            answer.full_in_us,
-                            rate,
-                        ),
-                        Backend::Redis,
-                    );
+            let asked: Vec<(&str, u64, u64)> = limits
+                .iter()
+                .map(|(key, rate)| (key.as_str(), rate.interval_us(), rate.period_us()))
+                .collect();
+            match shared.gcra_all(&asked).await {
+                Ok(answers) => {
+                    let decisions = answers
+                        .iter()
+                        .zip(limits)
+                        .map(|(answer, (_, rate))| {
+                            decision_from_shared(
+                                answer.allowed,
+                                answer.retry_after_us,
+                                answer.full_in_us,
+                                *rate,
+                            )
+                        })
+                        .collect();
+                    return (decisions, Backend::Redis);
                 }
                 Err(error) => {
                     // Failing open to the local limit keeps traffic flowing while Redis is
                     // away; each replica then enforces the limit on its own.
                     tracing::warn!(%error, "shared rate limit unavailable; deciding locally");
-                    return (self.check_local(key, rate), Backend::Fallback);
+                    return (self.check_local(limits), Backend::Fallback);
                 }
             }
         }
-        (self.check_local(key, rate), Backend::Local)
+        (self.check_local(limits), Backend::Local)
     }
 
-    fn check_local(&self, key: &str, rate: Rate) -> Decision {
+    fn check_local(&self, limits: &[(String, Rate)]) -> Vec<Decision> {
         let now = micros(self.origin.elapsed());
         let mut map = match self.local.lock() {
             Ok(map) => map,
@@ -187,11 +199,18 @@ impl Limiter {
         if map.len() >= SWEEP_AT {
             map.retain(|_, tat| *tat > now);
         }
-        let (decision, new_tat) = gcra(map.get(key).copied(), now, rate);
-        if let Some(tat) = new_tat {
-            map.insert(key.to_owned(), tat);
+        let steps: Vec<(Decision, Option<u64>)> = limits
+            .iter()
+            .map(|(key, rate)| gcra(map.get(key).copied(), now, *rate))
+            .collect();
+        if steps.iter().all(|(decision, _)| decision.allowed) {
+            for ((key, _), (_, new_tat)) in limits.iter().zip(&steps) {
+                if let Some(tat) = new_tat {
+                    map.insert(key.clone(), *tat);
+                }
+            }
         }
-        decision
+        steps.into_iter().map(|(decision, _)| decision).collect()
     }
 }
 
@@ -252,10 +271,25 @@ mod tests {
     fn the_local_limiter_keeps_keys_apart() {
         let limiter = Limiter::new(None);
         let rate: Rate = "2/m".parse().unwrap();
-        let a: Vec<bool> = (0..3)
-            .map(|_| limiter.check_local("a", rate).allowed)
-            .collect();
+        let one = |key: &str| limiter.check_local(&[(key.to_owned(), rate)])[0].allowed;
+        let a: Vec<bool> = (0..3).map(|_| one("a")).collect();
         assert_eq!(a, [true, true, false]);
-        assert!(limiter.check_local("b", rate).allowed);
+        assert!(one("b"));
+    }
+
+    #[test]
+    fn a_request_one_local_limit_refuses_spends_nothing_of_the_others() {
+        let limiter = Limiter::new(None);
+        let rate: Rate = "2/m".parse().unwrap();
+        let both = [("a".to_owned(), rate), ("b".to_owned(), rate)];
+        let b = [("b".to_owned(), rate)];
+        assert!(limiter.check_local(&b)[0].allowed);
+        assert!(limiter.check_local(&b)[0].allowed);
+        for _ in 0..3 {
+            let decisions = limiter.check_local(&both);
+            assert!(decisions[0].allowed && !decisions[1].allowed);
+        }
+        let a = [("a".to_owned(), rate)];
+        assert_eq!(limiter.check_local(&a)[0].remaining, 1, "a was not charged");
     }
 }

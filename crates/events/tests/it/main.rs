@@ -254,3 +254,42 @@ async fn members_see_each_other_and_a_silent_one_expires() {
     b.leave().await;
     assert_eq!(a.beat(ttl).await.unwrap(), ["a"], "b left");
 }
+
+#[tokio::test]
+async fn a_request_one_limit_refuses_spends_nothing_of_the_others() {
+    let server = RedisServer::start().unwrap();
+    let limiter = events::SharedLimiter::new(&url(&server)).unwrap();
+    // Two per minute each: nothing refills during the test.
+    let (interval, period) = (30_000_000, 60_000_000);
+    let both = [("test:a", interval, period), ("test:b", interval, period)];
+    assert!(
+        limiter
+            .gcra("test:b", interval, period)
+            .await
+            .unwrap()
+            .allowed
+    );
+    assert!(
+        limiter
+            .gcra("test:b", interval, period)
+            .await
+            .unwrap()
+            .allowed
+    );
+    // b is spent: refused, and a is not charged for it, however often.
+    for _ in 0..3 {
+        let answers = limiter.gcra_all(&both).await.unwrap();
+        assert!(answers[0].allowed && !answers[1].allowed, "{answers:?}");
+        assert_eq!(answers[0].full_in_us, 0, "a was charged: {answers:?}");
+    }
+    // a still has both of its own.
+    assert!(
+        limiter
+            .gcra("test:a", interval, period)
+            .await
+            .unwrap()
+            .allowed
+    );
+    let second = limiter.gcra("test:a", interval, period).await.unwrap();
+    assert!(second.allowed, "{second:?}");
+}

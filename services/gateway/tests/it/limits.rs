@@ -156,3 +156,69 @@ async fn two_gateways_sharing_redis_hold_one_limit() {
         "{got} allowed over {elapsed:.2} s; expected {expected:.0} ± 10 %"
     );
 }
+
+/// A route limited per client and per service: a request one limit refuses spends
+/// nothing of the other.
+async fn a_refused_request_spends_no_other_limit(redis: Option<&str>) {
+    let dir = testkit::TempDir::new("gateway-routes").unwrap();
+    // The client's limit never refills during the test; the service's does, 1.67 s
+    // after it is spent.
+    let routes = routes_file(
+        &dir,
+        json!({"routes": [
+            {"prefix": "/both", "require_token": true,
+             "rate_limit": {"per_client": "2/m", "per_service": "3/5s"}},
+        ]}),
+    );
+    let env = [("ROUTES_FILE", routes.as_str())];
+    let stack = match redis {
+        Some(url) => Stack::with_redis(url, &env).await,
+        None => Stack::start(&env).await,
+    };
+    let upstream = Upstream::start("u").await;
+    stack
+        .register("both", "both-1", upstream.port, json!({}))
+        .await;
+    stack.wait_for("/both/x", 401).await;
+    let alpha = stack.vault.issue("alpha").await;
+    let beta = stack.vault.issue("beta").await;
+
+    // alpha spends its two; beta the service's third.
+    for token in [&alpha, &alpha, &beta] {
+        assert_eq!(stack.get_as("/both/x", token).await.status, 200);
+    }
+    // Refused by the service's limit: beta's second stays unspent.
+    let refused = stack.get_as("/both/x", &beta).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(
+        refused.header("ratelimit-limit"),
+        Some("3"),
+        "the service's"
+    );
+
+    // Once the service's limit has room for one more: alpha, refused by its own limit,
+    // leaves it to beta, who still has its second.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let refused = stack.get_as("/both/x", &alpha).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.header("ratelimit-limit"), Some("2"), "the client's");
+    let second = stack.get_as("/both/x", &beta).await;
+    assert_eq!(
+        second.status,
+        200,
+        "beta's second request: {:?}",
+        second.json()
+    );
+    assert_eq!(second.header("ratelimit-remaining"), Some("0"));
+}
+
+#[tokio::test]
+async fn a_request_one_limit_refuses_spends_nothing_of_the_other() {
+    a_refused_request_spends_no_other_limit(None).await;
+}
+
+#[tokio::test]
+async fn a_request_one_limit_refuses_spends_nothing_of_the_other_with_redis() {
+    let redis = testkit::RedisServer::start().unwrap();
+    a_refused_request_spends_no_other_limit(Some(&redis.url())).await;
+}
