@@ -322,6 +322,16 @@ impl Db {
         self.run_with_timeout(CHECKOUT_TIMEOUT, f).await
     }
 
+    /// Runs `f` as [`Db::run`] does, in one transaction: its writes all happen, or none
+    /// does (an error from `f` rolls them back).
+    pub async fn transaction<T, F>(&self, f: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut DbConnection) -> Result<T, DbError> + Send + 'static,
+    {
+        self.run(move |conn| conn.transaction(f)).await
+    }
+
     async fn run_with_timeout<T, F>(&self, timeout: Duration, f: F) -> Result<T, DbError>
     where
         T: Send + 'static,

@@ -317,9 +317,11 @@ async fn register(
     };
     let row = store::InstanceRow::from_instance(&instance);
     let previous = existing.as_ref().map(|e| e.health);
+    // The row and its history together: an instance never appears without the
+    // history that heartbeat revival and the monitor's verdicts are judged by.
     let claimed = state
         .db
-        .run(move |conn| {
+        .transaction(move |conn| {
             if !store::upsert(conn, &row)? {
                 return Ok(false);
             }
@@ -412,7 +414,7 @@ async fn heartbeat(
     let owner = service.as_str().to_owned();
     let (updated, revive) = state
         .db
-        .run(move |conn| {
+        .transaction(move |conn| {
             let updated = store::heartbeat(conn, &target, at, load)?;
             // The sweep took it offline (here, before a restart, or on another replica),
             // and no verdict of the monitor's came since: the history says so.
@@ -572,7 +574,7 @@ async fn delete_service(
     let target = service.as_str().to_owned();
     let removed = state
         .db
-        .run(move |conn| store::delete_service(conn, &target))
+        .transaction(move |conn| store::delete_service(conn, &target))
         .await
         .map_err(ApiError::from_db)?;
     let mut ids: std::collections::BTreeSet<String> = removed.into_iter().collect();

@@ -217,7 +217,7 @@ impl State {
         );
         let why = reason.clone();
         self.db
-            .run(move |conn| {
+            .transaction(move |conn| {
                 store::set_health(conn, &id, to, at)?;
                 store::record_transition(
                     conn,

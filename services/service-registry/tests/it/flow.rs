@@ -809,3 +809,85 @@ async fn a_replica_never_expires_an_instance_that_heartbeats_to_another() {
         seen.json()
     );
 }
+
+both_backends!(
+    a_registration_is_written_whole_or_not_at_all,
+    |backend| async move {
+        use diesel::RunQueryDsl;
+        let vault = VaultFixture::start().await;
+        let payments = vault.issue("payments").await;
+        let db = TestDb::new(backend);
+        let registry = Registry::start(&vault, &db.url, &[("HEARTBEAT_INTERVAL", "30s")]).await;
+        // The history's insert fails, as a full disk or a lost connection would make it.
+        let (sql, undo) = match backend {
+            common::db::Backend::Sqlite => (
+                vec![
+                    "CREATE TRIGGER no_history BEFORE INSERT ON health_history \
+             BEGIN SELECT RAISE(ABORT, 'no history today'); END",
+                ],
+                "DROP TRIGGER no_history",
+            ),
+            common::db::Backend::Postgres => (
+                vec![
+                    "CREATE FUNCTION no_history() RETURNS trigger AS $$ \
+             BEGIN RAISE EXCEPTION 'no history today'; END $$ LANGUAGE plpgsql",
+                    "CREATE TRIGGER no_history BEFORE INSERT ON health_history \
+             FOR EACH ROW EXECUTE FUNCTION no_history()",
+                ],
+                "DROP TRIGGER no_history ON health_history",
+            ),
+        };
+        let direct = common::db::Db::new(&db.url, 1);
+        let count = |direct: &common::db::Db| {
+            let direct = direct.clone();
+            async move {
+                direct
+                    .run(|conn| {
+                        #[derive(diesel::QueryableByName)]
+                        struct Count {
+                            #[diesel(sql_type = diesel::sql_types::BigInt)]
+                            n: i64,
+                        }
+                        let rows: Vec<Count> =
+                            diesel::sql_query("SELECT COUNT(*) AS n FROM instances").load(conn)?;
+                        Ok(rows.first().map_or(0, |c| c.n))
+                    })
+                    .await
+                    .unwrap()
+            }
+        };
+        direct
+            .run(move |conn| {
+                for statement in sql {
+                    diesel::sql_query(statement).execute(conn)?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+
+        let refused = registry.register(&payments, registration("p-1")).await;
+        assert!(refused.status.is_server_error(), "{:?}", refused.json());
+        assert_eq!(
+            refused.header("content-type"),
+            Some("application/problem+json")
+        );
+        assert_eq!(
+            count(&direct).await,
+            0,
+            "an instance row without its history"
+        );
+
+        // With the history back, the same registration goes through whole.
+        direct
+            .run(move |conn| {
+                diesel::sql_query(undo).execute(conn)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let registered = registry.register(&payments, registration("p-1")).await;
+        assert_eq!(registered.status, 201, "{:?}", registered.json());
+        assert_eq!(count(&direct).await, 1);
+    }
+);
