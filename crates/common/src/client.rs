@@ -2,6 +2,10 @@
 //! services (JWKS now; registration and vault reads later). The gateway's data-plane
 //! proxy has its own pooled client; nothing else opens HTTP connections.
 
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -9,6 +13,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 
@@ -52,7 +57,7 @@ impl ClientResponse {
 /// A pooled HTTP/1.1 client with a timeout per call.
 #[derive(Debug, Clone)]
 pub struct HttpClient {
-    inner: Client<HttpConnector, Full<Bytes>>,
+    inner: Client<HttpConnector<Resolver>, Full<Bytes>>,
     timeout: Duration,
 }
 
@@ -61,7 +66,7 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 impl HttpClient {
     pub fn new(timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
+        let mut connector = HttpConnector::new_with_resolver(Resolver(GaiResolver::new()));
         connector.set_connect_timeout(Some(timeout));
         connector.set_nodelay(true);
         Self {
@@ -98,6 +103,19 @@ impl HttpClient {
                 "only http:// is supported between Concierge services".into(),
             ));
         }
+        // A literal address is never resolved, so never filtered by `Resolver`.
+        let host = request.uri().host().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if let Some(why) = host
+            .parse::<IpAddr>()
+            .ok()
+            .and_then(crate::address::refused)
+        {
+            return Err(ClientError::InvalidUrl(
+                url,
+                format!("{host} is {why}, never connected to"),
+            ));
+        }
         let request = request.map(Full::new);
         let call = async {
             let response = self
@@ -120,5 +138,89 @@ impl HttpClient {
         tokio::time::timeout(self.timeout, call)
             .await
             .map_err(|_| ClientError::Timeout(url.clone(), self.timeout))?
+    }
+}
+
+/// The system's resolver, leaving out the addresses no Concierge service connects to
+/// ([`crate::address`]): a webhook a registration names, say, must not reach the cloud's
+/// metadata service through a name that resolves there (`metadata.google.internal`).
+#[derive(Debug, Clone)]
+struct Resolver(GaiResolver);
+
+impl tower_service::Service<Name> for Resolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let resolving = self.0.call(name.clone());
+        Box::pin(async move { usable(name.as_str(), resolving.await?.collect()) })
+    }
+}
+
+/// The addresses `name` resolved to that may be connected to; an error if it resolved
+/// only to others.
+fn usable(
+    name: &str,
+    found: Vec<SocketAddr>,
+) -> Result<std::vec::IntoIter<SocketAddr>, std::io::Error> {
+    let refused = found
+        .iter()
+        .find_map(|address| crate::address::refused(address.ip()).map(|why| (address, why)));
+    let kept: Vec<SocketAddr> = found
+        .iter()
+        .copied()
+        .filter(|address| crate::address::refused(address.ip()).is_none())
+        .collect();
+    match refused {
+        Some((address, why)) if kept.is_empty() => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{name} resolves to {}, {why}: never connected to",
+                address.ip()
+            ),
+        )),
+        _ => Ok(kept.into_iter()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_metadata_address_is_never_called() {
+        let client = HttpClient::new(Duration::from_secs(5));
+        for url in [
+            "http://169.254.169.254/latest/meta-data/",
+            "http://[fd00:ec2::254]/latest/meta-data/",
+            "http://[::ffff:169.254.169.254]:80/",
+        ] {
+            let request = Request::get(url).body(Bytes::new()).unwrap();
+            let error = client.send(request).await.unwrap_err();
+            assert!(
+                matches!(&error, ClientError::InvalidUrl(_, why) if why.contains("metadata")),
+                "{url}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_name_keeps_only_the_addresses_that_may_be_called() {
+        let at = |text: &str| -> SocketAddr { text.parse().unwrap() };
+        let mixed = usable("mixed", vec![at("169.254.169.254:80"), at("10.0.0.7:80")]).unwrap();
+        assert_eq!(mixed.collect::<Vec<_>>(), [at("10.0.0.7:80")]);
+        let error = usable("metadata.google.internal", vec![at("169.254.169.254:80")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("metadata.google.internal resolves to 169.254.169.254"),
+            "{error}"
+        );
+        assert!(usable("nothing", vec![]).unwrap().next().is_none());
     }
 }
