@@ -124,7 +124,13 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 }
 
 fn is_hostname(name: &str) -> bool {
+    // A last label of digits (or hex) is an address in disguise (`2852039166`,
+    // `0xa9.0xfe.0xa9.0xfe`), which resolvers read as one (RFC 1123 §2.1).
+    let last = name.rsplit('.').next().unwrap_or_default();
+    let numeric = last.bytes().all(|b| b.is_ascii_digit())
+        || last.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("0x"));
     (1..=253).contains(&name.len())
+        && !numeric
         && name.split('.').all(|label| {
             (1..=63).contains(&label.len())
                 && label
@@ -574,7 +580,7 @@ async fn delete_service(
     let target = service.as_str().to_owned();
     let removed = state
         .db
-        .transaction(move |conn| store::delete_service(conn, &target))
+        .run(move |conn| store::delete_service(conn, &target))
         .await
         .map_err(ApiError::from_db)?;
     let mut ids: std::collections::BTreeSet<String> = removed.into_iter().collect();

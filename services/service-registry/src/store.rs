@@ -198,12 +198,18 @@ pub fn delete(conn: &mut DbConnection, id: &str) -> Result<usize, DbError> {
     Ok(diesel::delete(instances::table.find(id)).execute(conn)?)
 }
 
+/// Deletes a service's instances and names the ones deleted, in one statement: an
+/// instance registered meanwhile is either named or left, never deleted unnamed.
 pub fn delete_service(conn: &mut DbConnection, service: &str) -> Result<Vec<String>, DbError> {
-    let ids = instances::table
-        .filter(instances::service.eq(service))
-        .select(instances::instance_id)
-        .load::<String>(conn)?;
-    diesel::delete(instances::table.filter(instances::service.eq(service))).execute(conn)?;
+    let target = instances::table.filter(instances::service.eq(service));
+    let ids = match conn {
+        DbConnection::Postgresql(pg) => diesel::delete(target)
+            .returning(instances::instance_id)
+            .get_results::<String>(pg)?,
+        DbConnection::Sqlite(sqlite) => diesel::delete(target)
+            .returning(instances::instance_id)
+            .get_results::<String>(sqlite)?,
+    };
     Ok(ids)
 }
 

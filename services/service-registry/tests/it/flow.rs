@@ -373,6 +373,18 @@ async fn bad_input_gets_a_clear_problem() {
         ),
         (
             registry
+                .register(&payments, with("address", json!("2852039166")))
+                .await,
+            400,
+        ),
+        (
+            registry
+                .register(&payments, with("address", json!("0xa9.0xfe.0xa9.0xfe")))
+                .await,
+            400,
+        ),
+        (
+            registry
                 .register(&payments, with("health_endpoint", json!("health")))
                 .await,
             400,
@@ -889,5 +901,52 @@ both_backends!(
         let registered = registry.register(&payments, registration("p-1")).await;
         assert_eq!(registered.status, 201, "{:?}", registered.json());
         assert_eq!(count(&direct).await, 1);
+    }
+);
+
+// An admin removes a whole service: all its instances, in the database too, and no
+// other service's; a second removal finds nothing.
+both_backends!(
+    a_whole_service_is_removed_and_only_it,
+    |backend| async move {
+        let vault = VaultFixture::start().await;
+        let payments = vault.issue("payments").await;
+        let orders = vault.issue("orders").await;
+        let admin = vault.token("admin").to_owned();
+        let db = TestDb::new(backend);
+        let slow = [("HEARTBEAT_INTERVAL", "30s")];
+        let registry = Registry::start(&vault, &db.url, &slow).await;
+        for id in ["p-1", "p-2"] {
+            assert_eq!(
+                registry.register(&payments, registration(id)).await.status,
+                201
+            );
+        }
+        let mut order = registration("o-1");
+        order["name"] = json!("orders");
+        assert_eq!(registry.register(&orders, order).await.status, 201);
+
+        let remove = || registry.call("DELETE", "/api/services/payments", Some(&admin), None);
+        let removed = remove().await;
+        assert!(removed.status.is_success(), "{:?}", removed.json());
+        assert_eq!(remove().await.status, 404, "nothing left to remove");
+        assert_eq!(
+            registry
+                .call("DELETE", "/api/services/orders", Some(&payments), None)
+                .await
+                .status,
+            403,
+            "an admin's alone"
+        );
+
+        // A registry that starts from the database sees the same.
+        let fresh = Registry::start(&vault, &db.url, &slow).await;
+        assert_eq!(
+            fresh.get("/api/services/payments", &payments).await.status,
+            404
+        );
+        let kept = fresh.get("/api/services/orders", &orders).await;
+        assert_eq!(kept.status, 200, "{:?}", kept.json());
+        assert_eq!(kept.json()["instances"][0]["instance_id"], "o-1");
     }
 );
