@@ -3,7 +3,8 @@
 //! A service's token may register instances of that service at any address, and the
 //! gateway then forwards the service's traffic there, answers included. Clouds serve each
 //! machine's instance metadata, temporary credentials among it, on a link-local address
-//! (`169.254.169.254`; AWS also on `fd00:ec2::254`, Alibaba on `100.100.100.200`) to
+//! (`169.254.169.254`; AWS also on `fd00:ec2::254`, Google on `fd20:ce::254`, Alibaba on
+//! `100.100.100.200`; Azure's WireServer is `168.63.129.16`) to
 //! whatever runs on that machine: an instance registered there would hand the gateway's
 //! machine's credentials to any client of the service. So the registry refuses such an
 //! address, and the gateway and the monitor refuse to connect to one a name resolves to
@@ -14,12 +15,20 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// Cloud metadata services outside the link-local ranges.
-const METADATA: [IpAddr; 2] = [
+/// Cloud metadata and credential services outside the link-local ranges.
+const METADATA: [IpAddr; 6] = [
     // AWS's instance metadata service over IPv6 (a unique local address).
     IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+    // The EKS Pod Identity Agent over IPv6, which hands pods AWS credentials.
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23)),
+    // Google Cloud's metadata server over IPv6.
+    IpAddr::V6(Ipv6Addr::new(0xfd20, 0xce, 0, 0, 0, 0, 0, 0x254)),
     // Alibaba Cloud's (in the shared address space of carrier-grade NAT).
     IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
+    // Azure's WireServer, the host's own endpoint for each VM.
+    IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16)),
+    // Oracle Cloud Classic's metadata service.
+    IpAddr::V4(Ipv4Addr::new(192, 0, 0, 192)),
 ];
 
 /// Why `address` can never be an instance's, or `None` if it can be.
@@ -60,7 +69,11 @@ mod tests {
             "::ffff:169.254.169.254",
             "fe80::1",
             "fd00:ec2::254",
+            "fd00:ec2::23",
+            "fd20:ce::254",
             "100.100.100.200",
+            "168.63.129.16",
+            "192.0.0.192",
             "0.0.0.0",
             "::",
             "224.0.0.1",

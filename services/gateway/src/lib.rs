@@ -479,17 +479,26 @@ async fn rate_limit(
     // One decision for all of them: a request one refuses spends nothing of the others.
     let (decisions, backend) = shared.limiter.check(&limits).await;
     shared.metrics.rate_decision(backend.as_str());
-    let mut tightest: Option<Decision> = None;
-    for (scope, decision) in scopes.into_iter().zip(decisions) {
-        if !decision.allowed {
-            shared.metrics.rate_limited(label, scope);
-            return Err(GatewayError::RateLimited { scope, decision });
-        }
-        if tightest.is_none_or(|t| decision.remaining < t.remaining) {
-            tightest = Some(decision);
-        }
+    // Refused: the limit that allows the next request last says when to come back.
+    if let Some((scope, decision)) = scopes
+        .iter()
+        .zip(&decisions)
+        .filter(|(_, decision)| !decision.allowed)
+        .max_by_key(|(_, decision)| decision.retry_after)
+    {
+        shared.metrics.rate_limited(label, scope);
+        return Err(GatewayError::RateLimited {
+            scope,
+            decision: *decision,
+        });
     }
-    Ok(tightest)
+    Ok(decisions.into_iter().reduce(|tightest, decision| {
+        if decision.remaining < tightest.remaining {
+            decision
+        } else {
+            tightest
+        }
+    }))
 }
 
 /// `/api/gateway/status` and `/api/gateway/proxy`.

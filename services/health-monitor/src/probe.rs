@@ -299,16 +299,23 @@ async fn connect(
         .await
         .map_err(|_| timed_out())?
         .map_err(|e| (Reason::Dns, format!("{address} does not resolve: {e}")))?;
+    // Never a cloud's metadata service, whatever name leads there (`common::address`):
+    // the first address that is not one, as the gateway connects.
+    let mut refusal = None;
     let target = addresses
-        .next()
-        .ok_or_else(|| (Reason::Dns, format!("{address} resolves to nothing")))?;
-    // Never a cloud's metadata service, whatever name leads there (`common::address`).
-    if let Some(why) = common::address::refused(target.ip()) {
-        return Err((
-            Reason::Connect,
-            format!("{address} resolves to {}, {why}: not checked", target.ip()),
-        ));
-    }
+        .find(|target| match common::address::refused(target.ip()) {
+            Some(why) => {
+                refusal.get_or_insert((
+                    Reason::Connect,
+                    format!("{address} resolves to {}, {why}: not checked", target.ip()),
+                ));
+                false
+            }
+            None => true,
+        })
+        .ok_or_else(|| {
+            refusal.unwrap_or_else(|| (Reason::Dns, format!("{address} resolves to nothing")))
+        })?;
     timeout_at(deadline, tokio::net::TcpStream::connect(target))
         .await
         .map_err(|_| timed_out())?
