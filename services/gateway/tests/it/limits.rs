@@ -222,3 +222,28 @@ async fn a_request_one_limit_refuses_spends_nothing_of_the_other_with_redis() {
     let redis = testkit::RedisServer::start().unwrap();
     a_refused_request_spends_no_other_limit(Some(&redis.url())).await;
 }
+
+/// When both of a route's limits refuse, the answer is the one that allows the next
+/// request last: coming back after the other's `Retry-After` would only be refused again.
+#[tokio::test]
+async fn refused_by_both_limits_the_later_retry_is_given() {
+    let dir = testkit::TempDir::new("gateway-routes").unwrap();
+    let routes = routes_file(
+        &dir,
+        json!({"routes": [
+            {"prefix": "/both", "rate_limit": {"per_client": "2/2s", "per_service": "2/m"}},
+        ]}),
+    );
+    let stack = Stack::start(&[("ROUTES_FILE", &routes)]).await;
+    let upstream = Upstream::start("u").await;
+    stack
+        .register("both", "both-1", upstream.port, json!({}))
+        .await;
+    stack.wait_for("/both/x", 200).await; // spends one of each
+    assert_eq!(stack.get("/both/x").await.status, 200);
+    let refused = stack.get("/both/x").await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.json()["scope"], "service", "{:?}", refused.json());
+    let retry_after: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!((20..=30).contains(&retry_after), "{retry_after}");
+}
