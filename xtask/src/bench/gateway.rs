@@ -2,7 +2,7 @@
 //! directly and through nginx as a reverse proxy (1 worker), HAProxy (1 thread) and the
 //! gateway (1 worker thread), each with wrk and 64 keep-alive connections, taking turns in
 //! three rounds so that a noisy neighbour weighs on all of them alike; then the
-//! gateway alone at 10,000 concurrent connections.
+//! gateway and nginx at 10,000 concurrent connections, with each one's peak memory.
 //!
 //! The gateway runs twice: to the upstream's HTTP/1.1 port, as nginx and HAProxy do, and
 //! to its h2c port (a route with `upstream_protocol` h2c). Beside it runs hyper's floor
@@ -254,18 +254,38 @@ pub fn run(options: &Options) -> Result<()> {
         totals[1].p99s()
     );
 
+    // The crowd: the gateway, then nginx, each at 10,000 connections, with the peak
+    // memory each process reached (all of it in this phase: the rounds above need far
+    // less).
     let connections = 10_000;
-    let url = &targets[3].1;
-    let crowd = wrk(url, connections, options.seconds, &[])?;
-    let kinds = if crowd.error_kinds.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", crowd.error_kinds)
-    };
-    println!(
-        "gateway at {connections} concurrent connections: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors{kinds} (target 0)",
-        crowd.requests_per_second, crowd.p50_ms, crowd.p99_ms, crowd.errors
-    );
+    let mut peaks = Vec::new();
+    for index in [3, 1] {
+        let (name, url, pid) = &targets[index];
+        let crowd = wrk(url, connections, options.seconds, &[])?;
+        let kinds = if crowd.error_kinds.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", crowd.error_kinds)
+        };
+        let peak = pid
+            .map(super::monitor::peak_rss)
+            .transpose()?
+            .map_or(0.0, |bytes| bytes as f64 / 1024.0 / 1024.0);
+        peaks.push(peak);
+        let target = if index == 3 { " (target 0)" } else { "" };
+        println!(
+            "{name} at {connections} concurrent connections: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors{kinds}{target}; peak RSS {peak:.0} MiB",
+            crowd.requests_per_second, crowd.p50_ms, crowd.p99_ms, crowd.errors
+        );
+    }
+    if let [gateway, nginx] = peaks[..]
+        && nginx > 0.0
+    {
+        println!(
+            "peak RSS at {connections} connections, gateway ÷ nginx: {:.2}",
+            gateway / nginx
+        );
+    }
     Ok(())
 }
 

@@ -249,7 +249,7 @@ fn checks(port: u16) -> Result<f64> {
         .sum())
 }
 
-fn peak_rss(pid: u32) -> Result<u64> {
+pub(super) fn peak_rss(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib: u64 = status
         .lines()
