@@ -262,20 +262,10 @@ async fn a_request_one_limit_refuses_spends_nothing_of_the_others() {
     // Two per minute each: nothing refills during the test.
     let (interval, period) = (30_000_000, 60_000_000);
     let both = [("test:a", interval, period), ("test:b", interval, period)];
-    assert!(
-        limiter
-            .gcra("test:b", interval, period)
-            .await
-            .unwrap()
-            .allowed
-    );
-    assert!(
-        limiter
-            .gcra("test:b", interval, period)
-            .await
-            .unwrap()
-            .allowed
-    );
+    for _ in 0..2 {
+        let spent = limiter.gcra("test:b", interval, period).await.unwrap();
+        assert!(spent.allowed, "{spent:?}");
+    }
     // b is spent: refused, and a is not charged for it, however often.
     for _ in 0..3 {
         let answers = limiter.gcra_all(&both).await.unwrap();
