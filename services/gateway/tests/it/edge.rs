@@ -184,6 +184,13 @@ async fn bad_input_gets_a_4xx_never_a_crash() {
         "GET /echo/x HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
         "b".repeat(100_000)
     );
+    let header_of = |bytes: usize| {
+        format!(
+            "GET /echo/x HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "b".repeat(bytes)
+        )
+        .into_bytes()
+    };
     let cases: Vec<(&str, Vec<u8>, u16)> = vec![
         (
             "dot segments",
@@ -212,6 +219,9 @@ async fn bad_input_gets_a_4xx_never_a_crash() {
         ),
         ("overlong path", long_path.into_bytes(), 414),
         ("huge header", huge_header.into_bytes(), 431),
+        // Just over and just under the 64 KiB default, however the reads fall.
+        ("header just over the limit", header_of(66 * 1024), 431),
+        ("header just under the limit", header_of(60 * 1024), 200),
         (
             "invalid method",
             b"G(T /echo/x HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
