@@ -120,3 +120,22 @@ async fn sigterm_lets_a_slow_request_finish() {
     // And it no longer accepts connections.
     assert!(client().send(get(format!("{base}/health"))).await.is_err());
 }
+
+#[tokio::test]
+async fn a_drain_does_not_wait_for_a_client_that_sent_nothing() {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (base, server) = start(Readiness::new(), async move {
+        let _ = stopped.await;
+    })
+    .await;
+    // Connected, silent: a preconnect, say. The header-read timeout is 10 s.
+    let address = base.trim_start_matches("http://").to_owned();
+    let _silent = tokio::net::TcpStream::connect(address).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.send(()).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(3), server).await;
+    assert!(
+        matches!(ended, Ok(Ok(Ok(())))),
+        "the drain waited for a silent client: {ended:?}"
+    );
+}
