@@ -186,7 +186,7 @@ where
     http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX));
-    let builders = Arc::new((http1, http2));
+    let builders = Arc::new(Builders { http1, http2 });
     let header_read_timeout = options.header_read_timeout;
     // Told to every connection when the drain begins; each holds a clone of `open_tasks`,
     // so that its receiver ends once the last one is done.
@@ -241,12 +241,14 @@ where
             };
             let served = match said {
                 Ok(Ok(true)) => {
-                    let connection = builders.1.serve_connection(TokioIo::new(stream), service);
+                    let connection = builders
+                        .http2
+                        .serve_connection(TokioIo::new(stream), service);
                     until_drained(connection, stopping, |c| c.graceful_shutdown()).await
                 }
                 Ok(Ok(false)) => {
                     let connection = builders
-                        .0
+                        .http1
                         .serve_connection(TokioIo::new(stream), service)
                         .with_upgrades();
                     until_drained(connection, stopping, |c| c.graceful_shutdown()).await
@@ -275,6 +277,12 @@ where
         );
     }
     Ok(())
+}
+
+/// The two servers a connection may get, once its first bytes say which.
+struct Builders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
 }
 
 /// HTTP/2's connection preface, which a client speaking it by prior knowledge (h2c)

@@ -144,15 +144,7 @@ impl Upstreams {
         request: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
         let shared = &endpoint.live.h2c;
-        // Boxed when it must connect, for the reason `handshake_http1` is.
-        let connect = || async {
-            match shared.ready(&endpoint.authority) {
-                Some(sender) => Ok(sender),
-                None => {
-                    Box::pin(shared.sender(&endpoint.authority, connect_timeout, &self.http2)).await
-                }
-            }
-        };
+        let connect = || shared.sender(&endpoint.authority, connect_timeout, &self.http2);
         let mut sender = match connect().await {
             Ok(sender) => sender,
             Err(error) => return Err(SendError::connect(error, request)),
@@ -394,6 +386,17 @@ impl SharedConnection {
         if let Some(sender) = self.ready(authority) {
             return Ok(sender);
         }
+        // Boxed, for the reason `handshake_http1` is: connecting is seldom needed.
+        Box::pin(self.connect_anew(authority, connect_timeout, builder)).await
+    }
+
+    /// A new connection to `authority`, or the one another request made meanwhile.
+    async fn connect_anew(
+        &self,
+        authority: &Authority,
+        connect_timeout: Duration,
+        builder: &http2::Builder<TokioExecutor>,
+    ) -> Result<http2::SendRequest<Body>, BoxError> {
         let waited_from = Instant::now();
         let _connecting = self.connecting.lock().await;
         if let Some(sender) = self.ready(authority) {
