@@ -34,9 +34,25 @@ pub fn check(path: &str, query: Option<&str>) -> Result<(), BadTarget> {
     if !path.starts_with('/') {
         return Err(BadTarget::Malformed("the path must start with /"));
     }
+    // One pass: the escapes and backslashes byte by byte, and each segment (up to its
+    // parameters) as its `/` or the end closes it. A dot segment is told only after the
+    // rest, which it does not outrank.
     let bytes = path.as_bytes();
+    let mut segment = 0;
+    let mut parameters = None;
+    let mut dot_segment = false;
     let mut i = 0;
-    while i < bytes.len() {
+    loop {
+        if i == bytes.len() || bytes[i] == b'/' {
+            dot_segment |= is_dot_segment(&path[segment..parameters.unwrap_or(i)]);
+            if i == bytes.len() {
+                break;
+            }
+            segment = i + 1;
+            parameters = None;
+            i += 1;
+            continue;
+        }
         match bytes[i] {
             b'\\' => return Err(BadTarget::Malformed("backslashes are not allowed in paths")),
             b'%' => {
@@ -52,17 +68,15 @@ pub fn check(path: &str, query: Option<&str>) -> Result<(), BadTarget> {
                 i += 3;
                 continue;
             }
+            b';' if parameters.is_none() => parameters = Some(i),
             _ => {}
         }
         i += 1;
     }
-    for segment in path.split('/') {
-        let before_parameters = segment.split(';').next().unwrap_or(segment);
-        if is_dot_segment(before_parameters) {
-            return Err(BadTarget::Malformed(
-                "'.' and '..' segments are not allowed in paths",
-            ));
-        }
+    if dot_segment {
+        return Err(BadTarget::Malformed(
+            "'.' and '..' segments are not allowed in paths",
+        ));
     }
     if let Some(query) = query
         && query.bytes().any(|b| b == b'#')

@@ -150,7 +150,7 @@ pub async fn proxy_request(
         }
     };
     let public_path = format!("/{}{}", request.service, path);
-    let path_and_query = request.path.clone();
+    let path_and_query = crate::proxy::path_and_query(request.path.clone())?;
     Ok((
         request.service,
         public_path,

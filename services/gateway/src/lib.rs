@@ -329,10 +329,11 @@ async fn dispatch(
     } else {
         path
     };
-    let path_and_query = match req.uri().query() {
+    let target = match req.uri().query() {
         Some(query) => format!("{upstream_path}?{query}"),
         None => upstream_path.to_owned(),
     };
+    let path_and_query = proxy::path_and_query(target).map_err(fail)?;
     let outgoing = outgoing(shared, req, path_and_query, claims.as_ref()).map_err(fail)?;
     let pool = table
         .pool(&route.service)
@@ -364,7 +365,7 @@ fn context(shared: &Shared) -> proxy::Context<'_> {
 fn outgoing(
     shared: &Shared,
     mut req: Request<Incoming>,
-    path_and_query: String,
+    path_and_query: http::uri::PathAndQuery,
     claims: Option<&Claims>,
 ) -> Result<Outgoing, GatewayError> {
     let limit = shared.config.common.max_body_bytes;

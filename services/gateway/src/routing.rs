@@ -52,6 +52,8 @@ mod tests {
             "/x/.well-known/y",
             "/...",
             "/a..b",
+            "/a;../b",
+            "/a/b;x=..",
         ] {
             assert_eq!(check(path, Some("q=1&r=%2F")), Ok(()), "{path}");
         }
@@ -77,6 +79,10 @@ mod tests {
             "/a/..;x/b",
             "/a/.;/b",
             "/a/%2e%2E;jsessionid=1",
+            "/a/..",
+            "/a/%2e",
+            "/a/..;",
+            "/../a%zz",
         ] {
             assert!(
                 matches!(check(path, None), Err(BadTarget::Malformed(_))),
