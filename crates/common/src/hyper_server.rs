@@ -24,7 +24,7 @@ use tracing::Instrument;
 use crate::metrics::{self, HttpMetrics, method_label};
 use crate::problem::{self, Problem};
 use crate::readiness::Readiness;
-use crate::telemetry::{REQUEST_ID_HEADER, request_id};
+use crate::telemetry::{REQUEST_ID_HEADER, request_id_value};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -58,21 +58,40 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body
     response
 }
 
-/// The route a response was served under (a template, or the gateway's route), set by the
-/// handler in the response's extensions; the metrics label requests by it. Unset means
-/// `unmatched`. Its values must come from a bounded set.
-#[derive(Debug, Clone)]
-pub struct RouteLabel(pub Arc<str>);
+/// A handler's response, and the route it was served under (a template, or the gateway's
+/// route), which the metrics label requests by: `None` is `unmatched`. Its values must
+/// come from a bounded set.
+#[derive(Debug)]
+pub struct Routed {
+    pub response: Response<Body>,
+    pub route: Option<Arc<str>>,
+}
 
-impl RouteLabel {
-    pub fn new(label: impl Into<Arc<str>>) -> Self {
-        Self(label.into())
+impl Routed {
+    pub fn new(response: Response<Body>, route: impl Into<Arc<str>>) -> Self {
+        Self {
+            response,
+            route: Some(route.into()),
+        }
+    }
+
+    pub fn unmatched(response: Response<Body>) -> Self {
+        Self {
+            response,
+            route: None,
+        }
     }
 }
 
-/// The client's address, put in the request's extensions before the handler runs.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub SocketAddr);
+/// What the server knows of a request besides the request: given to the handler beside
+/// it. (In the request's extensions they cost a map and a box each, per request.)
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The request's id, also in its `X-Request-Id` header.
+    pub request_id: HeaderValue,
+}
 
 /// How much a server accepts before it says no: the limits that hold without tuning.
 #[derive(Debug, Clone)]
@@ -98,10 +117,6 @@ impl Default for ServerOptions {
     }
 }
 
-/// The request's id, put in the request's extensions (and its header) before the handler runs.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub Arc<str>);
-
 /// `/health`, `/ready` and `/metrics` for the hyper stack.
 #[derive(Debug, Clone)]
 pub struct Builtins {
@@ -118,7 +133,7 @@ impl Builtins {
     }
 
     /// The response for a built-in path, or `None` when `path` is not one of them.
-    pub async fn respond(&self, method: &http::Method, path: &str) -> Option<Response<Body>> {
+    pub async fn respond(&self, method: &http::Method, path: &str) -> Option<Routed> {
         let (label, response) = match path {
             "/health" => (
                 "/health",
@@ -143,19 +158,19 @@ impl Builtins {
             }
             _ => return None,
         };
-        let mut response = if method == http::Method::GET || method == http::Method::HEAD {
+        let response = if method == http::Method::GET || method == http::Method::HEAD {
             response
         } else {
             problem_response(&Problem::method_not_allowed())
         };
-        response.extensions_mut().insert(RouteLabel::new(label));
-        Some(response)
+        Some(Routed::new(response, label))
     }
 }
 
 /// Serves `handler` on `listener` until `shutdown` resolves, then lets open requests
-/// finish for up to `options.drain`. Every request gets an id (header and extension), the
-/// client's address (extension), a span and its metrics; the handler writes the access log.
+/// finish for up to `options.drain`. Every request gets an id (in its header, and told to
+/// the handler with the client's address), a span and its metrics; the handler writes the
+/// access log.
 pub async fn serve<H, F>(
     listener: tokio::net::TcpListener,
     registry: &Registry,
@@ -164,8 +179,8 @@ pub async fn serve<H, F>(
     options: &ServerOptions,
 ) -> std::io::Result<()>
 where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    H: Fn(Request<Incoming>, Arrival) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Routed> + Send + 'static,
 {
     let metrics = HttpMetrics::new(registry).map_err(std::io::Error::other)?;
     let open = IntGauge::new(
@@ -218,11 +233,10 @@ where
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let metrics = metrics.clone();
-        let service = service_fn(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(PeerAddr(peer));
+        let service = service_fn(move |req: Request<Incoming>| {
             let handler = handler.clone();
             let metrics = metrics.clone();
-            async move { Ok::<_, Infallible>(observe(req, handler, &metrics).await) }
+            async move { Ok::<_, Infallible>(observe(req, peer, handler, &metrics).await) }
         });
         let builders = builders.clone();
         let mut stopping = stopping.clone();
@@ -349,34 +363,36 @@ where
 
 async fn observe<H, F>(
     mut req: Request<Incoming>,
+    peer: SocketAddr,
     handler: H,
     metrics: &HttpMetrics,
 ) -> Response<Body>
 where
-    H: Fn(Request<Incoming>) -> F,
-    F: Future<Output = Response<Body>>,
+    H: Fn(Request<Incoming>, Arrival) -> F,
+    F: Future<Output = Routed>,
 {
-    let id = request_id(
-        req.headers()
-            .get(REQUEST_ID_HEADER)
-            .map(HeaderValue::as_bytes),
-    );
-    let header = HeaderValue::from_str(&id).ok();
-    if let Some(value) = &header {
-        req.headers_mut().insert(REQUEST_ID_HEADER, value.clone());
-    }
-    let id: Arc<str> = id.into();
-    req.extensions_mut().insert(RequestId(id.clone()));
+    let id = request_id_value(req.headers().get(REQUEST_ID_HEADER));
+    // One id upstream, also when the client sent several.
+    req.headers_mut().insert(REQUEST_ID_HEADER, id.clone());
     let method = method_label(req.method().as_str());
-    let span = tracing::info_span!("request", request_id = %id, method, path = req.uri().path());
+    let span = tracing::info_span!(
+        "request",
+        request_id = id.to_str().unwrap_or_default(),
+        method,
+        path = req.uri().path()
+    );
     let started = Instant::now();
     metrics.started();
-    let mut response = handler(req).instrument(span.clone()).await;
+    let arrival = Arrival {
+        peer,
+        request_id: id.clone(),
+    };
+    let Routed {
+        mut response,
+        route,
+    } = handler(req, arrival).instrument(span.clone()).await;
     let elapsed = started.elapsed();
-    let route = response
-        .extensions()
-        .get::<RouteLabel>()
-        .map_or("unmatched", |label| &*label.0);
+    let route = route.as_deref().unwrap_or("unmatched");
     let status = response.status().as_u16();
     metrics.finished(route, method, status, elapsed);
     span.in_scope(|| {
@@ -387,9 +403,7 @@ where
             "response head sent"
         );
     });
-    if let Some(value) = header {
-        response.headers_mut().insert(REQUEST_ID_HEADER, value);
-    }
+    response.headers_mut().insert(REQUEST_ID_HEADER, id);
     response
 }
 

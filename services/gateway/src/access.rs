@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::hyper_server::Body;
-use http::Method;
+use http::{HeaderValue, Method};
 
 use crate::ending::{self, Ended};
 
@@ -19,7 +19,8 @@ pub struct Entry {
     pub instance: Option<Arc<str>>,
     pub attempts: usize,
     pub status: u16,
-    pub request_id: Arc<str>,
+    /// Well-formed: visible ASCII (`common::telemetry::request_id_value`).
+    pub request_id: HeaderValue,
     pub started: Instant,
     /// Whether to write the line.
     pub write: bool,
@@ -38,7 +39,7 @@ pub fn wrap(body: Body, entry: Entry) -> Body {
 fn write(entry: &Entry, ended: Ended) {
     tracing::info!(
         target: "access",
-        request_id = &*entry.request_id,
+        request_id = entry.request_id.to_str().unwrap_or("-"),
         method = entry.method.as_str(),
         path = entry.path,
         route = &*entry.route,

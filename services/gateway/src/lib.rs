@@ -24,7 +24,7 @@ pub mod table;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::TcpListener;
+use std::net::{IpAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ use arc_swap::ArcSwap;
 use common::api::services;
 use common::auth::{Authenticator, Claims};
 use common::config::{CommonConfig, ConfigError, Env};
-use common::hyper_server::{self, Body, Builtins, PeerAddr, RequestId, RouteLabel};
+use common::hyper_server::{self, Arrival, Body, Builtins, Routed};
 use common::readiness::Readiness;
 use events::{EventMetrics, Publisher};
 use http::header::{self, HeaderValue};
@@ -145,9 +145,9 @@ pub async fn run(
         let shared = shared.clone();
         // Boxed once here, hyper and the server's wrapper move a pointer rather than the
         // request's whole future (kilobytes) as they take it in.
-        move |req: Request<Incoming>| {
+        move |req: Request<Incoming>, arrival: Arrival| {
             let shared = shared.clone();
-            Box::pin(async move { handle(&shared, req).await })
+            Box::pin(async move { handle(&shared, req, arrival).await })
         }
     };
     let served = hyper_server::serve(listener, &registry, handler, shutdown, &options).await;
@@ -185,24 +185,21 @@ struct Served {
     attempts: usize,
 }
 
-async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+async fn handle(shared: &Shared, req: Request<Incoming>, arrival: Arrival) -> Routed {
     let started = Instant::now();
-    if let Some(response) = shared
+    if let Some(routed) = shared
         .builtins
         .respond(req.method(), req.uri().path())
         .await
     {
-        return response;
+        return routed;
     }
-    let request_id = req
-        .extensions()
-        .get::<RequestId>()
-        .map_or_else(|| Arc::from("-"), |id| id.0.clone());
     let method = req.method().clone();
     let grpc = is_grpc(req.headers());
     // One copy of the path serves the routing and, cut short, the access log.
     let mut path = req.uri().path().to_owned();
-    let served = match dispatch(shared, req, &path).await {
+    let peer = arrival.peer.ip();
+    let served = match dispatch(shared, req, peer, &path).await {
         Ok(served) => served,
         Err((error, route)) => {
             match error.source() {
@@ -223,7 +220,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         }
     };
     let Served {
-        mut response,
+        response,
         route,
         instance,
         attempts,
@@ -233,20 +230,19 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     // A body whose line the log's filter would drop is not wrapped to write it.
     let write = tracing::enabled!(target: "access", tracing::Level::INFO)
         && (status >= 400 || sample >= 1.0 || (sample > 0.0 && fastrand::f64() < sample));
-    response.extensions_mut().insert(RouteLabel(route.clone()));
     truncate(&mut path, 256);
     let entry = access::Entry {
         method,
         path,
-        route,
+        route: route.clone(),
         instance,
         attempts,
         status,
-        request_id,
+        request_id: arrival.request_id,
         started,
         write,
     };
-    response.map(|body| access::wrap(body, entry))
+    Routed::new(response.map(|body| access::wrap(body, entry)), route)
 }
 
 /// Whether the client speaks gRPC (or gRPC-Web), which reads failures from `grpc-status`.
@@ -273,6 +269,7 @@ fn unmatched(error: GatewayError) -> Failure {
 async fn dispatch(
     shared: &Shared,
     mut req: Request<Incoming>,
+    peer: IpAddr,
     path: &str,
 ) -> Result<Served, Failure> {
     routing::check(path, req.uri().query()).map_err(|e| unmatched(GatewayError::BadTarget(e)))?;
@@ -285,7 +282,7 @@ async fn dispatch(
     // a JWKS fetch, a Redis script, a second `forward`) would be part of every request's
     // future and copied whole each time it moves.
     if routing::is_under(path, "/api/gateway") {
-        return Box::pin(gateway_endpoint(shared, req, path)).await;
+        return Box::pin(gateway_endpoint(shared, req, peer, path)).await;
     }
 
     let table = shared.table.load_full();
@@ -307,7 +304,6 @@ async fn dispatch(
     } else {
         None
     };
-    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
     let limit = if policy.per_client.is_some() || policy.per_service.is_some() {
         Box::pin(rate_limit(
             shared,
@@ -334,7 +330,7 @@ async fn dispatch(
         None => upstream_path.to_owned(),
     };
     let path_and_query = proxy::path_and_query(target).map_err(fail)?;
-    let outgoing = outgoing(shared, req, path_and_query, claims.as_ref()).map_err(fail)?;
+    let outgoing = outgoing(shared, req, peer, path_and_query, claims.as_ref()).map_err(fail)?;
     let pool = table
         .pool(&route.service)
         .ok_or_else(|| fail(GatewayError::NoInstance(route.service.to_string())))?;
@@ -365,6 +361,7 @@ fn context(shared: &Shared) -> proxy::Context<'_> {
 fn outgoing(
     shared: &Shared,
     mut req: Request<Incoming>,
+    peer: IpAddr,
     path_and_query: http::uri::PathAndQuery,
     claims: Option<&Claims>,
 ) -> Result<Outgoing, GatewayError> {
@@ -379,7 +376,6 @@ fn outgoing(
     }
     let upgrade = proxy::wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let accepts_trailers = proxy::accepts_trailers(req.headers());
-    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
     let mut hosts = req.headers().get_all(header::HOST).iter();
     if hosts.nth(1).is_some() {
         // RFC 9112 §3.2: a 400. Two hosts could route one way here and another upstream.
@@ -405,7 +401,7 @@ fn outgoing(
     let (mut parts, body) = req.into_parts();
     proxy::upstream_headers(
         &mut parts.headers,
-        peer,
+        Some(peer),
         host,
         claims.map(|c| c.sub.as_str()),
         upgrade.is_some(),
@@ -446,7 +442,7 @@ async fn authenticate(shared: &Shared, headers: &http::HeaderMap) -> Result<Clai
 /// Applies the policy's limits; returns the tighter decision for the response headers.
 async fn rate_limit(
     shared: &Shared,
-    peer: Option<std::net::IpAddr>,
+    peer: IpAddr,
     claims: Option<&Claims>,
     policy_prefix: &str,
     policy: &config::RoutePolicy,
@@ -465,10 +461,7 @@ async fn rate_limit(
             ("client", Some(claims)) => {
                 format!("concierge:rl:{policy_prefix}:client:sub:{}", claims.sub)
             }
-            ("client", None) => match peer {
-                Some(ip) => format!("concierge:rl:{policy_prefix}:client:ip:{ip}"),
-                None => format!("concierge:rl:{policy_prefix}:client:ip:unknown"),
-            },
+            ("client", None) => format!("concierge:rl:{policy_prefix}:client:ip:{peer}"),
             _ => format!("concierge:rl:{policy_prefix}:service:{service}"),
         };
         scopes.push(scope);
@@ -506,6 +499,7 @@ async fn rate_limit(
 async fn gateway_endpoint(
     shared: &Shared,
     req: Request<Incoming>,
+    peer: IpAddr,
     path: &str,
 ) -> Result<Served, Failure> {
     let label: Arc<str> = Arc::from(path_label(path));
@@ -522,7 +516,6 @@ async fn gateway_endpoint(
         }
         (&Method::POST, "/api/gateway/proxy") => {
             let claims = authenticate(shared, req.headers()).await.map_err(fail)?;
-            let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
             let (service, public_path, mut outgoing) =
                 admin::proxy_request(req.into_body(), shared.config.common.max_body_bytes)
                     .await

@@ -202,10 +202,12 @@ mod over_http {
     async fn jwks_server(published: Arc<Mutex<Jwks>>, fetches: Arc<Mutex<u32>>) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/jwks", listener.local_addr().unwrap());
-        let handler = move |_req| {
+        let handler = move |_req, _| {
             let body = serde_json::to_vec(&*published.lock().unwrap()).unwrap();
             *fetches.lock().unwrap() += 1;
-            async move { http::Response::new(hyper_server::full(body)) }
+            async move {
+                hyper_server::Routed::new(http::Response::new(hyper_server::full(body)), "/jwks")
+            }
         };
         let registry = prometheus::Registry::new();
         tokio::spawn(async move {

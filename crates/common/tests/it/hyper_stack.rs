@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::hyper_server::{self, Builtins, RouteLabel};
+use common::hyper_server::{self, Arrival, Builtins, Routed};
 use common::readiness::Readiness;
 use http::Request;
 
@@ -17,19 +17,18 @@ async fn start(
     let base = format!("http://{}", listener.local_addr().unwrap());
     let registry = common::metrics::new_registry();
     let builtins = Builtins::new(registry.clone(), readiness);
-    let handler = move |req: Request<hyper::body::Incoming>| {
+    let handler = move |req: Request<hyper::body::Incoming>, _: Arrival| {
         let builtins = builtins.clone();
         async move {
-            if let Some(response) = builtins.respond(req.method(), req.uri().path()).await {
-                return response;
+            if let Some(routed) = builtins.respond(req.method(), req.uri().path()).await {
+                return routed;
             }
             if req.uri().path() == "/slow" {
                 tokio::time::sleep(Duration::from_millis(1500)).await;
-                let mut response = http::Response::new(hyper_server::full("finished"));
-                response.extensions_mut().insert(RouteLabel::new("/slow"));
-                return response;
+                let response = http::Response::new(hyper_server::full("finished"));
+                return Routed::new(response, "/slow");
             }
-            common::problem::Problem::not_found("nothing here").to_hyper()
+            Routed::unmatched(common::problem::Problem::not_found("nothing here").to_hyper())
         }
     };
     let server = tokio::spawn(async move {
