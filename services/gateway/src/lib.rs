@@ -268,15 +268,13 @@ fn unmatched(error: GatewayError) -> Failure {
 
 async fn dispatch(
     shared: &Shared,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     peer: IpAddr,
     path: &str,
 ) -> Result<Served, Failure> {
     routing::check(path, req.uri().query()).map_err(|e| unmatched(GatewayError::BadTarget(e)))?;
     let normal = routing::normalize(path);
     let path = normal.as_ref();
-    // Identity comes from the gateway alone, whatever the client sent.
-    req.headers_mut().remove(proxy::SUBJECT_HEADER);
 
     // The cold paths' futures are boxed, here and below: unboxed, their states (kilobytes:
     // a JWKS fetch, a Redis script, a second `forward`) would be part of every request's

@@ -144,10 +144,16 @@ pub struct StaticUpstream {
 
 #[derive(Debug, Default)]
 pub struct Table {
-    pools: HashMap<Arc<str>, Arc<Pool>>,
-    routes: HashMap<Box<str>, Route>,
+    pools: FastMap<Arc<str>, Arc<Pool>>,
+    routes: FastMap<Box<str>, Route>,
     longest: usize,
 }
+
+/// The table's maps, read a few times per request: foldhash (hashbrown's own default,
+/// seeded per process) rather than SipHash, which took about 550 instructions of a
+/// proxied request's 38,800 (callgrind). Their keys come from the registry and the
+/// configuration, not from clients, who only look up.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// The longest weighted-round-robin cycle kept; larger weight sums are scaled down.
 const MAX_WHEEL: u64 = 4096;
