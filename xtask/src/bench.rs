@@ -111,6 +111,8 @@ fn psql(postgres: &PgCluster, database: &str, sql: &str) -> Result<String> {
 
 /// What wrk measured.
 struct Load {
+    /// Requests completed in the run, as wrk counted them.
+    requests: u64,
     requests_per_second: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -158,7 +160,14 @@ fn wrk(url: &str, connections: u32, seconds: u64, headers: &[String]) -> Result<
                 .collect::<Vec<_>>()
         })
         .sum();
+    // `123456 requests in 10.00s, 1.20MB read`
+    let requests = out
+        .lines()
+        .find_map(|line| line.trim().split_once(" requests in "))
+        .and_then(|(count, _)| count.parse().ok())
+        .context("wrk printed no request count")?;
     Ok(Load {
+        requests,
         requests_per_second: number("Requests/sec:").context("wrk printed no Requests/sec")?,
         p50_ms: number("50%").context("wrk printed no p50")?,
         p99_ms: number("99%").context("wrk printed no p99")?,
@@ -235,8 +244,19 @@ fn spawn_service(
     env: &[(&str, &str)],
     extra: &[(&str, &str)],
 ) -> Result<Guard> {
+    spawn_command(Command::new(binary), binary, port, env, extra)
+}
+
+/// [`spawn_service`] for a service started by `command` (under valgrind, say).
+fn spawn_command(
+    mut command: Command,
+    binary: &Path,
+    port: u16,
+    env: &[(&str, &str)],
+    extra: &[(&str, &str)],
+) -> Result<Guard> {
     let guard = Guard(
-        Command::new(binary)
+        command
             .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())

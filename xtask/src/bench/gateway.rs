@@ -11,7 +11,10 @@
 //!
 //! Besides requests per second and latency it prints requests per CPU-second of each
 //! proxy's own process (from /proc before and after), which is what "faster per CPU"
-//! means on a machine that wrk, the upstream and the proxy share.
+//! means on a machine that wrk, the upstream and the proxy share. CPU time moves with the
+//! neighbours on a shared machine; so each proxy also runs once under callgrind, whose
+//! count of the instructions it executes per request does not (user space only: the
+//! kernel's TCP work, much the same for all, is not in it).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -33,6 +36,7 @@ pub fn run(options: &Options) -> Result<()> {
             ("wrk", install::on_path("wrk")),
             ("nginx", Path::new("/usr/sbin/nginx").exists()),
             ("haproxy", Path::new("/usr/sbin/haproxy").exists()),
+            ("valgrind", install::on_path("callgrind_control")),
         ],
     )?;
     raise_file_limit()?;
@@ -56,18 +60,17 @@ pub fn run(options: &Options) -> Result<()> {
              location / {{ default_type text/plain; return 200 \"{BODY}\"; }} }}"
         ),
     )?;
-    let nginx_port = testkit::free_port()?;
-    let nginx_proxy = nginx(
-        dir,
-        "proxy",
-        &format!(
+    let nginx_proxy_server = |port: u16| {
+        format!(
             "upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 256; keepalive_requests 10000000; }}\n\
-             server {{ listen 127.0.0.1:{nginx_port} backlog=65535; keepalive_requests 10000000;\n\
+             server {{ listen 127.0.0.1:{port} backlog=65535; keepalive_requests 10000000;\n\
              location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
-        ),
-    )?;
+        )
+    };
+    let nginx_port = testkit::free_port()?;
+    let nginx_proxy = nginx(dir, "proxy", &nginx_proxy_server(nginx_port))?;
     let haproxy_port = testkit::free_port()?;
-    let haproxy = haproxy(dir, haproxy_port, upstream_port)?;
+    let haproxy = start_haproxy(dir, haproxy_port, upstream_port, None)?;
 
     // The gateway routes from a real registry, which learns the upstream from a registration.
     let (_vault, vault_port, tokens) = start_vault(
@@ -113,48 +116,53 @@ pub fn run(options: &Options) -> Result<()> {
         &routes_file,
         r#"{"routes": [{"prefix": "/bench-h2c", "upstream_protocol": "h2c"}]}"#,
     )?;
-    let gateway_port = testkit::free_port()?;
     let registry_url = format!("http://127.0.0.1:{registry_port}");
     let gateway_token = tokens.join("gateway-token");
-    let gateway = spawn_service(
-        &gateway_binary,
-        gateway_port,
-        &[
-            ("REGISTRY_URL", registry_url.as_str()),
-            ("VAULT_URL", vault_url.as_str()),
-            ("TOKEN_FILE", gateway_token.to_str().unwrap_or_default()),
-            ("HTTP_WORKERS", "1"),
-            ("ROUTES_FILE", routes_file.to_str().unwrap_or_default()),
-        ],
-        &[],
-    )?;
-    let started = Instant::now();
-    for path in ["/bench/", "/bench-h2c/"] {
-        while http::status(gateway_port, path) != Some(200) {
-            if started.elapsed() > Duration::from_secs(15) {
-                bail!(
-                    "the gateway never routed {path}: {:?}",
-                    http::status(gateway_port, path)
-                );
+    let start_gateway = |counted: Option<&Path>| -> Result<(Guard, u16)> {
+        let port = testkit::free_port()?;
+        let guard = super::spawn_command(
+            program(&gateway_binary, counted),
+            &gateway_binary,
+            port,
+            &[
+                ("REGISTRY_URL", registry_url.as_str()),
+                ("VAULT_URL", vault_url.as_str()),
+                ("TOKEN_FILE", gateway_token.to_str().unwrap_or_default()),
+                ("HTTP_WORKERS", "1"),
+                ("ROUTES_FILE", routes_file.to_str().unwrap_or_default()),
+            ],
+            &[],
+        )?;
+        let started = Instant::now();
+        for path in ["/bench/", "/bench-h2c/"] {
+            while http::status(port, path) != Some(200) {
+                if started.elapsed() > Duration::from_secs(30) {
+                    bail!(
+                        "the gateway never routed {path}: {:?}",
+                        http::status(port, path)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
-    }
-    let floor = |mode: &str, upstream: u16| -> Result<(Guard, u16)> {
+        Ok((guard, port))
+    };
+    let (gateway, gateway_port) = start_gateway(None)?;
+    let floor = |mode: &str, upstream: u16, counted: Option<&Path>| -> Result<(Guard, u16)> {
         let port = testkit::free_port()?;
         let guard = Guard(
-            Command::new(&floor_binary)
+            program(&floor_binary, counted)
                 .args([mode, &port.to_string(), &upstream.to_string()])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .context("cannot start the hyper floor")?,
         );
-        testkit::wait_for_port(port, Duration::from_secs(10))?;
+        testkit::wait_for_port(port, Duration::from_secs(30))?;
         Ok((guard, port))
     };
-    let (floor_http1, floor_http1_port) = floor("http1", upstream_port)?;
-    let (floor_h2c, floor_h2c_port) = floor("h2c", upstream_h2c_port)?;
+    let (floor_http1, floor_http1_port) = floor("http1", upstream_port, None)?;
+    let (floor_h2c, floor_h2c_port) = floor("h2c", upstream_h2c_port, None)?;
 
     let targets = [
         (
@@ -254,6 +262,49 @@ pub fn run(options: &Options) -> Result<()> {
         totals[1].p99s()
     );
 
+    // Instructions per request, counted by callgrind in a copy of each proxy: a count that a
+    // noisy neighbour does not move, where CPU time does. The kernel's share is not in it.
+    println!(
+        "instructions per request in the proxy's own process (callgrind, {COUNTED_CONNECTIONS} connections, {per_round} s each; noise does not move them), ÷ nginx's:"
+    );
+    let mut counts: Vec<(&str, f64)> = Vec::new();
+    for (index, (name, _, _)) in targets.iter().enumerate().skip(1) {
+        let out = dir.join(format!("callgrind-{index}.out"));
+        let counted = Some(out.as_path());
+        let (guard, url) = match index {
+            1 => {
+                let port = testkit::free_port()?;
+                let guard = nginx_counted(dir, "counted", &nginx_proxy_server(port), counted)?;
+                (guard, format!("http://127.0.0.1:{port}/"))
+            }
+            2 => {
+                let port = testkit::free_port()?;
+                let guard = start_haproxy(dir, port, upstream_port, counted)?;
+                (guard, format!("http://127.0.0.1:{port}/"))
+            }
+            3 | 4 => {
+                let (guard, port) = start_gateway(counted)?;
+                let path = if index == 3 { "/bench/" } else { "/bench-h2c/" };
+                (guard, format!("http://127.0.0.1:{port}{path}"))
+            }
+            _ => {
+                let (mode, upstream) = if index == 5 {
+                    ("http1", upstream_port)
+                } else {
+                    ("h2c", upstream_h2c_port)
+                };
+                let (guard, port) = floor(mode, upstream, counted)?;
+                (guard, format!("http://127.0.0.1:{port}/"))
+            }
+        };
+        let per_request = instructions_per_request(&guard, &out, &url, per_round)?;
+        counts.push((name, per_request));
+    }
+    let nginx_count = counts.first().map_or(1.0, |(_, count)| *count);
+    for (name, count) in &counts {
+        println!("  {name:<24} {count:>8.0}   {:.2}", count / nginx_count);
+    }
+
     // The crowd: the gateway, then nginx, each at 10,000 connections, with the peak
     // memory each process reached (all of it in this phase: the rounds above need far
     // less).
@@ -287,6 +338,55 @@ pub fn run(options: &Options) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The connections wrk holds to a proxy whose instructions are counted: enough for several
+/// requests to be in flight at once, as under load, in a process valgrind slows down.
+const COUNTED_CONNECTIONS: u32 = 16;
+
+/// `program`, or valgrind's callgrind running it when `counted` names an output file.
+fn program(program: &Path, counted: Option<&Path>) -> Command {
+    match counted {
+        None => Command::new(program),
+        Some(out) => {
+            let mut command = Command::new("valgrind");
+            command
+                .args(["--tool=callgrind", "--quiet"])
+                .arg(format!("--callgrind-out-file={}", out.display()))
+                .arg(program);
+            command
+        }
+    }
+}
+
+/// Loads `url` with wrk for `seconds` and returns the instructions the process under
+/// callgrind (`guard`, writing to `out`) executed per request meanwhile.
+fn instructions_per_request(guard: &Guard, out: &Path, url: &str, seconds: u64) -> Result<f64> {
+    let pid = guard.0.id().to_string();
+    super::run_ok(Command::new("callgrind_control").args(["--zero", &pid]))?;
+    let load = wrk(url, COUNTED_CONNECTIONS, seconds, &[])?;
+    super::run_ok(Command::new("callgrind_control").args(["--dump", &pid]))?;
+    if load.errors > 0 {
+        bail!("{url} answered {} errors under callgrind", load.errors);
+    }
+    // The dump since the counters were zeroed: `summary: N` among its first lines.
+    let dump = out.with_extension("out.1");
+    let started = Instant::now();
+    let instructions = loop {
+        let text = std::fs::read_to_string(&dump).unwrap_or_default();
+        if let Some(total) = text
+            .lines()
+            .find_map(|line| line.strip_prefix("summary: "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+        {
+            break total;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("callgrind wrote no dump to {}", dump.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Ok(instructions as f64 / load.requests.max(1) as f64)
 }
 
 /// How many turns each target of the gateway benchmark takes.
@@ -442,6 +542,11 @@ pub(super) fn raise_file_limit() -> Result<()> {
 
 /// An nginx in the foreground as one process (master_process off): its pid is the worker.
 pub(super) fn nginx(dir: &Path, name: &str, server: &str) -> Result<Guard> {
+    nginx_counted(dir, name, server, None)
+}
+
+/// [`nginx`], under callgrind when `counted` names its output file.
+fn nginx_counted(dir: &Path, name: &str, server: &str, counted: Option<&Path>) -> Result<Guard> {
     let conf = dir.join(format!("nginx-{name}.conf"));
     let tmp = dir.join(format!("nginx-{name}"));
     std::fs::create_dir_all(&tmp)?;
@@ -457,7 +562,7 @@ pub(super) fn nginx(dir: &Path, name: &str, server: &str) -> Result<Guard> {
         ),
     )?;
     let guard = Guard(
-        Command::new("/usr/sbin/nginx")
+        program(Path::new("/usr/sbin/nginx"), counted)
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
@@ -476,8 +581,13 @@ pub(super) fn nginx(dir: &Path, name: &str, server: &str) -> Result<Guard> {
 }
 
 /// HAProxy with one thread, keep-alive both ways, no logging (as nginx has none).
-fn haproxy(dir: &Path, port: u16, upstream_port: u16) -> Result<Guard> {
-    let conf = dir.join("haproxy.cfg");
+fn start_haproxy(
+    dir: &Path,
+    port: u16,
+    upstream_port: u16,
+    counted: Option<&Path>,
+) -> Result<Guard> {
+    let conf = dir.join(format!("haproxy-{port}.cfg"));
     std::fs::write(
         &conf,
         format!(
@@ -488,7 +598,7 @@ fn haproxy(dir: &Path, port: u16, upstream_port: u16) -> Result<Guard> {
         ),
     )?;
     let guard = Guard(
-        Command::new("/usr/sbin/haproxy")
+        program(Path::new("/usr/sbin/haproxy"), counted)
             .arg("-db")
             .arg("-f")
             .arg(&conf)
