@@ -377,7 +377,7 @@ where
     let method = method_label(req.method().as_str());
     let span = tracing::info_span!(
         "request",
-        request_id = id.to_str().unwrap_or_default(),
+        request_id = %id.to_str().unwrap_or_default(),
         method,
         path = req.uri().path()
     );

@@ -534,7 +534,13 @@ async fn gateway_endpoint(
             )
             .await
             .map_err(fail)?;
-            proxy::upstream_headers(&mut outgoing.headers, None, None, Some(&claims.sub), false);
+            proxy::upstream_headers(
+                &mut outgoing.headers,
+                Some(peer),
+                None,
+                Some(&claims.sub),
+                false,
+            );
             let (mut response, answered) = proxy::forward(context(shared), pool, policy, outgoing)
                 .await
                 .map_err(fail)?;

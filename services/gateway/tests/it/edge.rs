@@ -283,7 +283,10 @@ async fn the_status_page_and_the_proxy_endpoint() {
         Some(&orders),
         Some(json!({
             "service": "echo", "method": "PUT", "path": "/things/1?dry=true",
-            "headers": {"x-custom": "yes", "x-concierge-subject": "admin"}, "body": {"k": 1},
+            "headers": {
+                "x-custom": "yes", "x-concierge-subject": "admin", "x-forwarded-for": "10.9.9.9",
+            },
+            "body": {"k": 1},
         })),
     )
     .await;
@@ -293,6 +296,9 @@ async fn the_status_page_and_the_proxy_endpoint() {
     assert_eq!(seen["path"], "/things/1?dry=true");
     assert_eq!(seen["headers"]["x-custom"], "yes");
     assert_eq!(seen["headers"]["x-concierge-subject"], "orders");
+    // The caller's address is appended, as for any request: the list's last entry is
+    // never one the caller wrote.
+    assert_eq!(seen["headers"]["x-forwarded-for"], "10.9.9.9, 127.0.0.1");
     assert_eq!(seen["headers"]["content-type"], "application/json");
 
     // The gateway frames the body: a stated length that disagrees is not sent on.
