@@ -1,6 +1,6 @@
 //! The edge: header hygiene, tokens, bad input, and the gateway's own endpoints.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -244,6 +244,54 @@ async fn bad_input_gets_a_4xx_never_a_crash() {
     }
     assert_eq!(stack.get("/echo/x").await.status, 200, "still serving");
     assert_eq!(stack.get("/health").await.status, 200);
+}
+
+/// Reads from `socket` until the gateway closes it; how long after `since` that came.
+async fn closed_after(socket: &mut tokio::net::TcpStream, since: Instant) -> Duration {
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(8), socket.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return since.elapsed(),
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("the connection was still open 8 s after the last read"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn silent_slow_and_idle_clients_are_cut_off_after_the_header_timeout() {
+    // Slowloris: connections that never finish a request head must not be held.
+    let stack = Stack::start(&[("HEADER_READ_TIMEOUT", "1s")]).await;
+    let _echo = stack.serve("echo", "e-1").await;
+    let cases: [(&str, &[u8]); 3] = [
+        ("silent from the start", b""),
+        (
+            "a head never finished",
+            b"GET /echo/x HTTP/1.1\r\nHost: x\r\n",
+        ),
+        (
+            "idle after a request",
+            b"GET /echo/x HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+    ];
+    for (what, sent) in cases {
+        let mut socket = tokio::net::TcpStream::connect(stack.gateway.addr)
+            .await
+            .unwrap();
+        socket.write_all(sent).await.unwrap();
+        let since = Instant::now();
+        if what == "idle after a request" {
+            let mut answer = [0u8; 4096];
+            let read = socket.read(&mut answer).await.unwrap();
+            assert!(answer[..read].starts_with(b"HTTP/1.1 200"), "{what}");
+        }
+        let closed = closed_after(&mut socket, since).await;
+        assert!(
+            closed >= Duration::from_millis(700) && closed < Duration::from_secs(5),
+            "{what}: closed after {closed:?}, the timeout is 1 s"
+        );
+    }
+    assert_eq!(stack.get("/echo/x").await.status, 200, "still serving");
 }
 
 #[tokio::test]
