@@ -5,7 +5,7 @@
 //! so requests under way keep the snapshot they started with and no connection is
 //! touched. The live state of an instance carries over from table to table by instance id.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -147,6 +147,11 @@ pub struct Table {
     pools: FastMap<Arc<str>, Arc<Pool>>,
     routes: FastMap<Box<str>, Route>,
     longest: usize,
+    /// Every service that has had instances since the gateway started. A route another
+    /// service declares under one of their names is never routed, also while that service
+    /// has none (all deregistered for a deploy, say): it would catch the service's clients,
+    /// and their credentials, meanwhile.
+    known: HashSet<Arc<str>, foldhash::fast::RandomState>,
 }
 
 /// The table's maps, read a few times per request: foldhash (hashbrown's own default,
@@ -232,9 +237,13 @@ impl Table {
             });
         }
 
-        let mut table = Table::default();
+        let mut table = Table {
+            known: previous.known.clone(),
+            ..Table::default()
+        };
         for (service, endpoints) in by_service {
             let service: Arc<str> = service.into();
+            table.known.insert(service.clone());
             let budget = previous.pools.get(&service).map_or_else(
                 || Arc::new(RetryBudget::new(settings.retry_ratio)),
                 |p| p.budget.clone(),
@@ -273,9 +282,10 @@ impl Table {
     }
 
     /// Whose paths a route `service` declares lies in, when they are not its own: another
-    /// service's (`/{name}` and below) or the control plane's. A service registers with its
-    /// own token alone, so without this one could take over another's traffic, or, under a
-    /// control-plane prefix, receive clients' tokens on a path that needs none.
+    /// service's (`/{name}` and below, for any service this gateway has seen) or the
+    /// control plane's. A service registers with its own token alone, so without this one
+    /// could take over another's traffic, or, under a control-plane prefix, receive
+    /// clients' tokens on a path that needs none.
     fn owner_of(&self, prefix: &str, service: &str) -> Option<String> {
         if let Some((_, owner)) = CONTROL_PLANE_ROUTES
             .iter()
@@ -285,7 +295,7 @@ impl Table {
             return Some((*owner).to_owned());
         }
         let first = prefix.trim_start_matches('/').split('/').next()?;
-        (first != service && self.pools.contains_key(first)).then(|| first.to_owned())
+        (first != service && self.known.contains(first)).then(|| first.to_owned())
     }
 
     fn add_route(&mut self, prefix: String, service: &Arc<str>, strip: bool) {
@@ -509,6 +519,28 @@ mod tests {
             (&*own.prefix, &*own.service),
             ("/api/services/v2", "service-registry")
         );
+    }
+
+    #[test]
+    fn a_service_gone_for_a_while_keeps_its_paths() {
+        let evil = || instance("evil", "e-1", &["/payments/charge", "/evil-zone"]);
+        let both = table(
+            vec![instance("payments", "p-1", &[]), evil()],
+            &Table::default(),
+        );
+        // Every payments instance deregistered, for a deploy: its paths stay its own.
+        let without = table(vec![evil()], &both);
+        let service = |t: &Table, path: &str| t.resolve(path).map(|r| r.service.to_string());
+        assert_eq!(service(&without, "/payments/charge"), None);
+        assert_eq!(service(&without, "/evil-zone/x").as_deref(), Some("evil"));
+        let back = table(vec![instance("payments", "p-2", &[]), evil()], &without);
+        assert_eq!(
+            service(&back, "/payments/charge").as_deref(),
+            Some("payments")
+        );
+        // A gateway that never saw payments cannot know the name is taken.
+        let fresh = table(vec![evil()], &Table::default());
+        assert_eq!(service(&fresh, "/payments/charge").as_deref(), Some("evil"));
     }
 
     #[test]
