@@ -19,9 +19,12 @@ pub struct Ended {
     pub bytes: u64,
 }
 
-/// `body`, calling `report` once when it ends.
-pub fn on_end<F>(body: Body, report: F) -> Body
+/// `body`, calling `report` once when it ends. Any body: an instance's comes unboxed, so
+/// that it is wrapped once, not twice, on its way to the client.
+pub fn on_end<B, F>(body: B, report: F) -> Body
 where
+    B: http_body::Body<Data = Bytes> + Send + Sync + Unpin + 'static,
+    B::Error: Into<BoxError>,
     F: FnOnce(Ended) + Send + Sync + Unpin + 'static,
 {
     Ending {
@@ -32,13 +35,13 @@ where
     .boxed()
 }
 
-struct Ending<F: FnOnce(Ended)> {
-    inner: Body,
+struct Ending<B: http_body::Body, F: FnOnce(Ended)> {
+    inner: B,
     bytes: u64,
     report: Option<F>,
 }
 
-impl<F: FnOnce(Ended)> Ending<F> {
+impl<B: http_body::Body, F: FnOnce(Ended)> Ending<B, F> {
     fn end(&mut self, completed: bool) {
         if let Some(report) = self.report.take() {
             report(Ended {
@@ -49,7 +52,12 @@ impl<F: FnOnce(Ended)> Ending<F> {
     }
 }
 
-impl<F: FnOnce(Ended) + Unpin> http_body::Body for Ending<F> {
+impl<B, F> http_body::Body for Ending<B, F>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+    F: FnOnce(Ended) + Unpin,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -57,7 +65,9 @@ impl<F: FnOnce(Ended) + Unpin> http_body::Body for Ending<F> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let polled = Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map(|frame| frame.map(|result| result.map_err(Into::into)));
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -80,7 +90,7 @@ impl<F: FnOnce(Ended) + Unpin> http_body::Body for Ending<F> {
     }
 }
 
-impl<F: FnOnce(Ended)> Drop for Ending<F> {
+impl<B: http_body::Body, F: FnOnce(Ended)> Drop for Ending<B, F> {
     /// A server stops polling a body that says it has ended, and never polls an empty
     /// one: such a body was read whole all the same. Any other is cut short.
     fn drop(&mut self) {

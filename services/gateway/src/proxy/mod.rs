@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
-use common::hyper_server::{Body, BoxError};
+use common::hyper_server::Body;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -792,15 +792,15 @@ fn drop_underscore_spellings(headers: &mut HeaderMap) {
     }
 }
 
-/// The instance's response for the client: hop-by-hop headers out, body streamed.
-fn downstream(response: Response<Incoming>, upgrade: bool) -> Response<Body> {
-    let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    if parts.version == Version::HTTP_2 {
+/// The instance's response for the client: hop-by-hop headers out, body streamed (and
+/// boxed once, by [`track`]).
+fn downstream(mut response: Response<Incoming>, upgrade: bool) -> Response<Incoming> {
+    strip_hop_by_hop(response.headers_mut(), upgrade);
+    if response.version() == Version::HTTP_2 {
         // From an h2c instance; the client's connection decides what goes on the wire.
-        parts.version = Version::HTTP_11;
+        *response.version_mut() = Version::HTTP_11;
     }
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+    response
 }
 
 fn empty() -> Body {
@@ -833,7 +833,7 @@ async fn tunnel(client_side: OnUpgrade, upstream_side: OnUpgrade, guard: InFligh
 
 /// The response body, keeping its request counted in flight until the body ends; read
 /// to its end, it gives its connection back for another request.
-fn track(body: Body, guard: InFlight) -> Body {
+fn track(body: Incoming, guard: InFlight) -> Body {
     crate::ending::on_end(body, move |ended| {
         if ended.completed {
             guard.done();
